@@ -1,0 +1,1 @@
+//! samba-provisioner library.
