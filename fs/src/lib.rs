@@ -4,7 +4,9 @@
 //! object access in [`store`]) and the FUSE filesystem behind the `datanet` binary.
 
 pub mod config;
+pub mod posix_meta;
 pub mod store;
+pub mod upload;
 
 pub use config::{Config, ConfigError, SpaceConfig};
 pub use store::{open_space, Space, StoreError};
