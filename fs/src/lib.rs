@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod posix_meta;
+pub mod staging;
 pub mod store;
 pub mod upload;
 
