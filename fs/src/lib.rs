@@ -4,6 +4,7 @@
 //! object access in [`store`]) and the FUSE filesystem behind the `datanet` binary.
 
 pub mod config;
+pub mod journal;
 pub mod posix_meta;
 pub mod staging;
 pub mod store;
