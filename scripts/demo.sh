@@ -156,7 +156,7 @@ fi
 trap finish EXIT
 
 step "install what is missing" bash "$SCRIPTS_DIR/setup.sh"
-step "build the workspace" cargo build --workspace --locked
+step "build the workspace" cargo build --workspace
 step "start the stack in $RUN" bash "$SCRIPTS_DIR/stack.sh" up
 # shellcheck source=/dev/null
 source "$RUN/env.sh"

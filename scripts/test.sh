@@ -24,7 +24,7 @@ step "installing what is missing"
 bash "$SCRIPTS_DIR/setup.sh"
 
 step "building the workspace and its tests"
-cargo build --workspace --all-targets --locked
+cargo build --workspace --all-targets
 
 stack_down() {
     local rc=$?
@@ -46,7 +46,7 @@ source "$RUN/env.sh"
 
 step "running every test"
 if (($# > 0)); then
-    cargo test --locked "$@"
+    cargo test "$@"
 else
-    cargo test --workspace --locked
+    cargo test --workspace
 fi
