@@ -442,7 +442,7 @@ impl Journal {
         let data_path = self.data_path(record.id);
         let file = File::open(&data_path).map_err(|err| format!("cannot open {}: {err}", data_path.display()))?;
         let meta = PosixMeta::from_map(record.meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-        let path = ObjectPath::from(record.path.as_str());
+        let path = ObjectPath::parse(&record.path).map_err(|err| format!("invalid path in journal entry: {err}"))?;
         upload_file(&space.space, &space.target, &path, Arc::new(file), record.size_bytes, &meta, &self.upload)
             .await
             .map(|_| ())
@@ -477,7 +477,8 @@ impl Journal {
 
     fn pending_file(&self, record: &EntryRecord) -> PendingFile {
         PendingFile {
-            path: ObjectPath::from(record.path.as_str()),
+            // Entry paths are written from valid `ObjectPath`s, so they parse back.
+            path: ObjectPath::parse(&record.path).unwrap_or_else(|_| ObjectPath::from(record.path.as_str())),
             data_path: self.data_path(record.id),
             size_bytes: record.size_bytes,
             meta: PosixMeta::from_map(record.meta.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
@@ -649,13 +650,13 @@ mod tests {
         let frozen = staging.freeze().await.unwrap();
         let meta = PosixMeta { mode: Some(0o100600), ..PosixMeta::default() };
         journal
-            .record("m", &ObjectPath::from(path), &frozen, staging.path(), reuse, &meta)
+            .record("m", &ObjectPath::parse(path).unwrap(), &frozen, staging.path(), reuse, &meta)
             .await
             .unwrap();
     }
 
     async fn stored(fixture: &Fixture, path: &str) -> Option<Vec<u8>> {
-        let result = fixture.space.store.get(&ObjectPath::from(path)).await.ok()?;
+        let result = fixture.space.store.get(&ObjectPath::parse(path).unwrap()).await.ok()?;
         Some(result.bytes().await.unwrap().to_vec())
     }
 
@@ -663,9 +664,9 @@ mod tests {
     async fn entry_survives_restart_and_uploads() {
         let fixture = fixture();
         let journal = open(&fixture, Duration::from_secs(3600));
-        record(&fixture, &journal, "a/b.txt", b"pending data", true).await;
+        record(&fixture, &journal, "a/b %.txt", b"pending data", true).await;
         assert_eq!(journal.len().await, 1);
-        let pending = journal.pending("m", &ObjectPath::from("a/b.txt")).await.unwrap();
+        let pending = journal.pending("m", &ObjectPath::parse("a/b %.txt").unwrap()).await.unwrap();
         assert_eq!(std::fs::read(&pending.data_path).unwrap(), b"pending data");
         drop(journal);
 
@@ -673,8 +674,8 @@ mod tests {
         let journal = open(&fixture, Duration::from_secs(3600));
         journal.spawn_uploader();
         assert_eq!(journal.flush(Duration::from_secs(10)).await, 0);
-        assert_eq!(stored(&fixture, "a/b.txt").await.unwrap(), b"pending data");
-        let head = fixture.space.store.get_opts(&ObjectPath::from("a/b.txt"), object_store::GetOptions::new().with_head(true)).await.unwrap();
+        assert_eq!(stored(&fixture, "a/b %.txt").await.unwrap(), b"pending data");
+        let head = fixture.space.store.get_opts(&ObjectPath::parse("a/b %.txt").unwrap(), object_store::GetOptions::new().with_head(true)).await.unwrap();
         assert_eq!(PosixMeta::from_attributes(&head.attributes).mode, Some(0o100600));
         assert_eq!(std::fs::read_dir(&fixture.journal_dir).unwrap().count(), 0);
     }

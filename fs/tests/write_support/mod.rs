@@ -1,0 +1,187 @@
+//! Helpers for the write-path tests: the service stack's Garage, a bucket per test, a
+//! private Garage that a test may stop, and the count of unfinished multipart uploads.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use datanet::{Config, SpaceConfig};
+
+const STACK_HINT: &str = "run scripts/stack.sh up and source $RUN/env.sh";
+
+/// The Garage of one run directory.
+#[derive(Debug, Clone)]
+pub struct Garage {
+    pub run_dir: PathBuf,
+    pub endpoint: String,
+    pub region: String,
+    pub access_key_id: String,
+    pub secret_file: PathBuf,
+    pub binary: PathBuf,
+    pub config: PathBuf,
+}
+
+fn env(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(value) if !value.is_empty() => value,
+        _ => panic!("{name} is not set: {STACK_HINT}"),
+    }
+}
+
+pub fn scripts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts")
+}
+
+/// The stack's Garage, from the variables of `$RUN/env.sh`.
+pub fn stack_garage() -> Garage {
+    Garage {
+        run_dir: env("DATANET_RUN_DIR").into(),
+        endpoint: env("DATANET_S3_ENDPOINT"),
+        region: env("DATANET_S3_REGION"),
+        access_key_id: env("DATANET_S3_ACCESS_KEY_ID"),
+        secret_file: env("DATANET_S3_SECRET_FILE").into(),
+        binary: env("DATANET_GARAGE").into(),
+        config: env("DATANET_GARAGE_CONFIG").into(),
+    }
+}
+
+/// A unique bucket name for one test.
+pub fn unique_bucket(test: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let clean: String = test
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .take(30)
+        .collect();
+    format!("fsw-{clean}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst))
+}
+
+impl Garage {
+    fn script(&self, args: &[&str]) -> std::process::Output {
+        let output = Command::new("bash")
+            .arg(scripts_dir().join("garage.sh"))
+            .args(args)
+            .env("DATANET_RUN_DIR", &self.run_dir)
+            .output()
+            .expect("cannot run scripts/garage.sh");
+        assert!(
+            output.status.success(),
+            "scripts/garage.sh {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    /// Creates `name` and grants it to the stack's key.
+    pub fn create_bucket(&self, name: &str) {
+        self.script(&["bucket", name]);
+    }
+
+    /// A space over `bucket`, written as configuration text so it is validated like any.
+    pub fn space_config(&self, bucket: &str) -> SpaceConfig {
+        let text = self.space_toml("t", bucket);
+        Config::parse(&text, Path::new("test.toml")).expect("test configuration is valid").spaces["t"].clone()
+    }
+
+    pub fn space_toml(&self, name: &str, bucket: &str) -> String {
+        format!(
+            "[spaces.{name}]\nurl = \"s3://{bucket}\"\nendpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key_file = \"{}\"\n",
+            self.endpoint,
+            self.region,
+            self.access_key_id,
+            self.secret_file.display()
+        )
+    }
+
+    /// Unfinished multipart uploads of `bucket`, as `garage bucket info` reports them.
+    pub fn unfinished_uploads(&self, bucket: &str) -> u64 {
+        let output = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&self.config)
+            .args(["bucket", "info", bucket])
+            .output()
+            .expect("cannot run garage");
+        assert!(output.status.success(), "garage bucket info: {}", String::from_utf8_lossy(&output.stderr));
+        let text = String::from_utf8_lossy(&output.stdout);
+        text.lines()
+            .find_map(|line| line.strip_prefix("Unfinished uploads:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map_or(0, |count| count.parse().expect("count of unfinished uploads"))
+    }
+}
+
+/// A Garage of its own (run directory and ports), which a test may stop and start
+/// without touching the stack's. Stopped on drop.
+pub struct PrivateGarage {
+    pub garage: Garage,
+}
+
+impl PrivateGarage {
+    pub fn start(name: &str, base_port: u16) -> PrivateGarage {
+        let run_dir = PathBuf::from(format!("/var/tmp/datanet-test-{name}"));
+        let stack = stack_garage();
+        let private = PrivateGarage {
+            garage: Garage {
+                endpoint: format!("http://127.0.0.1:{base_port}"),
+                region: "garage".into(),
+                access_key_id: String::new(),
+                secret_file: run_dir.join("garage/secret_access_key"),
+                config: run_dir.join("garage/garage.toml"),
+                binary: stack.binary,
+                run_dir,
+            },
+        };
+        private.run("start", base_port);
+        let key = std::fs::read_to_string(private.garage.run_dir.join("garage/access_key_id")).expect("key id");
+        let mut private = private;
+        private.garage.access_key_id = key.trim().to_string();
+        private
+    }
+
+    fn run(&self, command: &str, base_port: u16) {
+        let output = Command::new("bash")
+            .arg(scripts_dir().join("garage.sh"))
+            .arg(command)
+            .env("DATANET_RUN_DIR", &self.garage.run_dir)
+            .env("DATANET_S3_PORT", base_port.to_string())
+            .env("DATANET_GARAGE_RPC_PORT", (base_port + 1).to_string())
+            .env("DATANET_GARAGE_ADMIN_PORT", (base_port + 3).to_string())
+            .output()
+            .expect("cannot run scripts/garage.sh");
+        assert!(
+            output.status.success(),
+            "scripts/garage.sh {command} for {}: {}",
+            self.garage.run_dir.display(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn port(&self) -> u16 {
+        self.garage.endpoint.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    pub fn stop(&self) {
+        self.run("stop", self.port());
+    }
+
+    pub fn restart(&self) {
+        self.run("start", self.port());
+    }
+}
+
+impl Drop for PrivateGarage {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(scripts_dir().join("garage.sh"))
+            .arg("stop")
+            .env("DATANET_RUN_DIR", &self.garage.run_dir)
+            .output();
+    }
+}
+
+/// Deterministic test content.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| ((i as u64 * 2_654_435_761 >> 7) as u8) ^ seed).collect()
+}
