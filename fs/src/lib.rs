@@ -1,14 +1,29 @@
 //! datanet: one POSIX namespace over every configured storage space.
 //!
 //! The library holds what all three tools share (the configuration in [`config`] and
-//! object access in [`store`]) and the FUSE filesystem behind the `datanet` binary.
+//! object access in [`store`]) and the FUSE filesystem behind the `datanet` binary:
+//! [`filesystem`] implements the operations on inodes without any FUSE types, and
+//! [`fuse`] is the thin adapter to the pinned `fuser` version.
 
+pub mod check;
 pub mod config;
+pub mod datacache;
+pub mod error;
+pub mod filesystem;
+pub mod fuse;
+pub mod inode;
 pub mod journal;
+pub mod marker;
+pub mod metacache;
+pub mod mount;
+pub mod name;
+pub mod namespace;
 pub mod posix_meta;
+pub mod prefetch;
 pub mod staging;
 pub mod store;
 pub mod upload;
+pub mod write;
 
 pub use config::{Config, ConfigError, SpaceConfig};
 pub use store::{open_space, Space, StoreError};

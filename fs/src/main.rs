@@ -1,5 +1,193 @@
 //! The `datanet` command: mounts the data network and checks its configuration.
 
-fn main() -> anyhow::Result<()> {
-    anyhow::bail!("datanet: not built yet")
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+use datanet::check::check_spaces;
+use datanet::config::Config;
+use datanet::mount::{run, MountOptions};
+
+#[derive(Parser)]
+#[command(name = "datanet", version, about = "One POSIX namespace over every storage space")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mount every configured space below MOUNTPOINT (as MOUNTPOINT/<space>/...).
+    Mount {
+        /// Configuration file [default: $DATANET_CONFIG or /etc/datanet/datanet.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Stay in the foreground instead of detaching once mounted.
+        #[arg(long, short = 'f')]
+        foreground: bool,
+        /// Mount options, comma-separated: allow_other, ro, config=FILE.
+        #[arg(short = 'o')]
+        options: Option<String>,
+        /// Write the log to this file instead of standard error.
+        #[arg(long)]
+        log_file: Option<PathBuf>,
+        /// An existing empty directory.
+        mountpoint: PathBuf,
+    },
+    /// Validate the configuration and report, per space, whether it is reachable and writable.
+    Check {
+        /// Configuration file [default: $DATANET_CONFIG or /etc/datanet/datanet.toml].
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Mount { config, foreground, options, log_file, mountpoint } => {
+            mount_command(config, foreground, options.as_deref(), log_file, &mountpoint)
+        }
+        Command::Check { config } => check_command(config),
+    };
+    if let Err(err) = result {
+        eprintln!("datanet: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_logging(log_file: Option<&Path>) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?;
+            builder.with_ansi(false).with_writer(std::sync::Mutex::new(file)).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn load_config(explicit: Option<&Path>) -> anyhow::Result<Config> {
+    let path = Config::resolve_path(explicit);
+    Ok(Config::load(&path)?)
+}
+
+fn mount_command(
+    config: Option<PathBuf>,
+    foreground: bool,
+    options: Option<&str>,
+    log_file: Option<PathBuf>,
+    mountpoint: &Path,
+) -> anyhow::Result<()> {
+    let options = MountOptions::parse(options.unwrap_or(""))?;
+    let config = load_config(config.as_deref().or(options.config.as_deref()))?;
+    if config.spaces.is_empty() {
+        bail!("{} configures no space: add a [spaces.NAME] section with a url", config.source.display());
+    }
+    let mountpoint = std::fs::canonicalize(mountpoint)
+        .with_context(|| format!("mount point {} does not exist: create it first", mountpoint.display()))?;
+
+    if foreground {
+        init_logging(log_file.as_deref())?;
+        return run(config, &mountpoint, &options, |_| {}).map_err(Into::into);
+    }
+
+    // Fork before any thread exists; the parent exits once the child reports the mount.
+    let (read_end, write_end) = pipe()?;
+    // SAFETY: no other thread runs yet, so the child may continue normally after fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        bail!("cannot fork the daemon: {}", std::io::Error::last_os_error());
+    }
+    if pid > 0 {
+        drop(write_end);
+        let mut status = String::new();
+        std::fs::File::from(read_end).read_to_string(&mut status).ok();
+        return match status.strip_prefix("ok") {
+            Some(_) => Ok(()),
+            None if status.is_empty() => bail!("the daemon exited before mounting; run with --foreground to see why"),
+            None => bail!("{}", status.trim()),
+        };
+    }
+
+    drop(read_end);
+    // SAFETY: setsid has no preconditions; it detaches the daemon from the terminal.
+    unsafe { libc::setsid() };
+    redirect_stdio_to_null()?;
+    let log_file = log_file.or_else(|| Some(PathBuf::from("/dev/null")));
+    init_logging(log_file.as_deref())?;
+    let mut status_pipe = Some(std::fs::File::from(write_end));
+    let result = run(config, &mountpoint, &options, |outcome| {
+        if let Some(mut pipe) = status_pipe.take() {
+            let message = match outcome {
+                Ok(()) => "ok".to_string(),
+                Err(err) => err,
+            };
+            let _ = pipe.write_all(message.as_bytes());
+        }
+    });
+    if let Err(err) = &result {
+        tracing::error!(error = %err, "datanet daemon stopped");
+    }
+    result.map_err(Into::into)
+}
+
+fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("cannot create a pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn redirect_stdio_to_null() -> anyhow::Result<()> {
+    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    use std::os::fd::AsRawFd;
+    for target in 0..3 {
+        // SAFETY: dup2 onto the standard descriptors of this process.
+        if unsafe { libc::dup2(null.as_raw_fd(), target) } < 0 {
+            bail!("cannot redirect standard streams: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+fn check_command(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let config = load_config(config.as_deref())?;
+    println!("configuration {} is valid: {} space(s)", config.source.display(), config.spaces.len());
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let reports = runtime.block_on(check_spaces(&config));
+    let mut failed = 0;
+    for report in &reports {
+        let reachable = match &report.reachable {
+            Ok(()) => "reachable".to_string(),
+            Err(reason) => format!("UNREACHABLE ({reason})"),
+        };
+        let writable = match &report.writable {
+            None => "read-only".to_string(),
+            Some(Ok(())) => "writable".to_string(),
+            Some(Err(reason)) => format!("NOT WRITABLE ({reason})"),
+        };
+        println!("{:<20} {:<40} {reachable}, {writable}", report.name, report.url);
+        if !report.is_ok() {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} space(s) failed the check", reports.len());
+    }
+    Ok(())
 }

@@ -1,0 +1,212 @@
+//! The metadata cache: attributes of keys, negative entries and directory listings.
+//!
+//! Every entry expires after `cache.metadata_ttl`; a TTL of zero disables the cache.
+//! Invariant: only a definite answer of the store is cached. A "missing" entry is
+//! inserted only after the store said "not found" (never after a throttled or failed
+//! request), and changes made through this mount update or drop the entries they touch.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use moka::sync::Cache;
+
+use crate::inode::Kind;
+use crate::posix_meta::PosixMeta;
+
+/// Upper bound of cached keys; about 200 bytes each.
+const MAX_ENTRIES: u64 = 1_000_000;
+
+/// Upper bound of directory entries held by cached listings.
+const MAX_LISTED_ENTRIES: u64 = 2_000_000;
+
+/// Attributes of a file object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStat {
+    pub size: u64,
+    pub mtime: SystemTime,
+    pub etag: Option<String>,
+    /// Stored POSIX metadata; `None` when unknown because the stat came from a listing,
+    /// which carries no user metadata.
+    pub meta: Option<Arc<PosixMeta>>,
+}
+
+impl FileStat {
+    /// Attributes from a listing or a HEAD without decoded metadata.
+    pub fn from_meta(meta: &object_store::ObjectMeta) -> Self {
+        FileStat {
+            size: meta.size,
+            mtime: meta.last_modified.into(),
+            etag: meta.e_tag.clone(),
+            meta: None,
+        }
+    }
+}
+
+/// What a key is, as far as the store said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Entry {
+    File(FileStat),
+    Dir,
+    Missing,
+}
+
+impl Entry {
+    pub fn kind(&self) -> Option<Kind> {
+        match self {
+            Entry::File(stat) if stat.meta.as_ref().is_some_and(|m| m.is_symlink()) => Some(Kind::Symlink),
+            Entry::File(_) => Some(Kind::File),
+            Entry::Dir => Some(Kind::Dir),
+            Entry::Missing => None,
+        }
+    }
+}
+
+/// One entry of a directory listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: String,
+    pub kind: Kind,
+    pub stat: Option<FileStat>,
+}
+
+/// A directory listing sorted by name bytes, each name once.
+pub type Listing = Arc<Vec<DirEntry>>;
+
+type CacheKey = (usize, String);
+
+#[derive(Clone)]
+pub struct MetaCache {
+    entries: Option<Cache<CacheKey, Entry>>,
+    listings: Option<Cache<CacheKey, Listing>>,
+}
+
+impl MetaCache {
+    pub fn new(ttl: Duration) -> Self {
+        if ttl.is_zero() {
+            return MetaCache {
+                entries: None,
+                listings: None,
+            };
+        }
+        let entries = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(ttl).build();
+        let listings = Cache::builder()
+            .max_capacity(MAX_LISTED_ENTRIES)
+            .weigher(|_key: &CacheKey, listing: &Listing| listing.len().clamp(1, u32::MAX as usize) as u32)
+            .time_to_live(ttl)
+            .build();
+        MetaCache {
+            entries: Some(entries),
+            listings: Some(listings),
+        }
+    }
+
+    pub fn entry(&self, space: usize, key: &str) -> Option<Entry> {
+        self.entries.as_ref()?.get(&(space, key.to_string()))
+    }
+
+    pub fn insert_entry(&self, space: usize, key: &str, entry: Entry) {
+        if let Some(cache) = &self.entries {
+            cache.insert((space, key.to_string()), entry);
+        }
+    }
+
+    pub fn remove_entry(&self, space: usize, key: &str) {
+        if let Some(cache) = &self.entries {
+            cache.invalidate(&(space, key.to_string()));
+        }
+    }
+
+    pub fn listing(&self, space: usize, dir: &str) -> Option<Listing> {
+        self.listings.as_ref()?.get(&(space, dir.to_string()))
+    }
+
+    /// Stores a listing and the attributes of its entries, so that the lookups and
+    /// `stat` calls that usually follow a readdir need no request.
+    pub fn insert_listing(&self, space: usize, dir: &str, listing: Listing) {
+        if let Some(entries) = &self.entries {
+            for item in listing.iter() {
+                let key = crate::name::child_key(dir, &item.name);
+                let entry = match (&item.kind, &item.stat) {
+                    (Kind::File, Some(stat)) => Entry::File(stat.clone()),
+                    (Kind::Dir, _) => Entry::Dir,
+                    _ => continue,
+                };
+                entries.insert((space, key), entry);
+            }
+        }
+        if let Some(listings) = &self.listings {
+            listings.insert((space, dir.to_string()), listing);
+        }
+    }
+
+    pub fn remove_listing(&self, space: usize, dir: &str) {
+        if let Some(cache) = &self.listings {
+            cache.invalidate(&(space, dir.to_string()));
+        }
+    }
+
+    /// Drops everything cached about `key` and below it, after a rename or rmdir.
+    pub fn remove_tree(&self, space: usize, key: &str) {
+        let below = format!("{key}/");
+        let matches = move |k: &CacheKey| k.0 == space && (k.1 == key || k.1.starts_with(&below));
+        if let Some(cache) = &self.entries {
+            for (k, _) in cache.iter() {
+                if matches(&k) {
+                    cache.invalidate(&*k);
+                }
+            }
+        }
+        if let Some(cache) = &self.listings {
+            for (k, _) in cache.iter() {
+                if matches(&k) {
+                    cache.invalidate(&*k);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(size: u64) -> FileStat {
+        FileStat {
+            size,
+            mtime: SystemTime::UNIX_EPOCH,
+            etag: Some("e".into()),
+            meta: None,
+        }
+    }
+
+    #[test]
+    fn entries_expire_after_ttl() {
+        let cache = MetaCache::new(Duration::from_millis(50));
+        cache.insert_entry(0, "a", Entry::Missing);
+        assert_eq!(cache.entry(0, "a"), Some(Entry::Missing));
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(cache.entry(0, "a"), None);
+    }
+
+    #[test]
+    fn zero_ttl_caches_nothing() {
+        let cache = MetaCache::new(Duration::ZERO);
+        cache.insert_entry(0, "a", Entry::Dir);
+        assert_eq!(cache.entry(0, "a"), None);
+    }
+
+    #[test]
+    fn listing_fills_entries() {
+        let cache = MetaCache::new(Duration::from_secs(60));
+        let listing = Arc::new(vec![
+            DirEntry { name: "f".into(), kind: Kind::File, stat: Some(stat(3)) },
+            DirEntry { name: "d".into(), kind: Kind::Dir, stat: None },
+        ]);
+        cache.insert_listing(0, "top", listing);
+        assert_eq!(cache.entry(0, "top/f"), Some(Entry::File(stat(3))));
+        assert_eq!(cache.entry(0, "top/d"), Some(Entry::Dir));
+        cache.remove_tree(0, "top");
+        assert_eq!(cache.entry(0, "top/f"), None);
+        assert!(cache.listing(0, "top").is_none());
+    }
+}
