@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The project's test command (what .ci/run calls), as root on Debian 12:
-# install what is missing, build, start the service stack with two Slurm clusters, run
-# every test of the workspace against it, and stop the stack again, also on failure.
-# Exits non-zero if any step or test fails.
+# The project's test command, which .ci/run calls. Run it as root on Debian 12.
+# It installs what is missing, builds, starts the service stack with two Slurm
+# clusters and runs every test of the workspace against it. It stops the stack again
+# in every case, and exits non-zero if any step or test fails.
 #
 # Extra arguments go to `cargo test` after the workspace selection, for example
 #   scripts/test.sh -p datanet-e2e --test smoke

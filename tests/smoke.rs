@@ -59,7 +59,8 @@ async fn unique_bucket_is_writable_with_stack_key() {
     assert_success(&output, "second scripts/garage.sh bucket");
 }
 
-/// Submits a one-line job with `sbatch --wait` and returns its output file's content.
+/// Submits a one-line job with `sbatch --wait` and returns whether sbatch reported
+/// success, together with the job's output.
 fn run_one_line_job(stack: &Stack, slurm_conf: &std::path::Path, script: &str) -> (bool, String) {
     let dir = stack.scratch_root.join(unique_name("smoke-job"));
     fs::create_dir_all(&dir).unwrap();

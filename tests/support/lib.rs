@@ -2,8 +2,9 @@
 //! `scripts/stack.sh up` started, the built binaries, unique names and buckets.
 //!
 //! Invariant: a test that needs a service reads its settings from the environment
-//! written by `stack.sh up` (`source $RUN/env.sh`) and fails with a message saying so
-//! when a setting is missing; it never skips or passes silently.
+//! that `stack.sh up` writes (`source $RUN/env.sh`). When a setting is missing, the
+//! test fails with a message that says how to start the stack, so it never skips or
+//! passes silently.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,7 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use datanet::config::{Config, SpaceConfig, SpaceLocation};
 
-/// What to do when a stack setting is missing, repeated in every such failure.
+/// The fix printed by every failure caused by a missing stack setting.
 pub const STACK_HINT: &str =
     "run scripts/stack.sh up --two-clusters and source $RUN/env.sh (scripts/test.sh does both)";
 
@@ -184,10 +185,10 @@ pub fn run(command: &mut Command) -> Output {
 }
 
 /// Panics with the command's output unless it exited with status 0.
-pub fn assert_success(output: &Output, what: &str) {
+pub fn assert_success(output: &Output, description: &str) {
     assert!(
         output.status.success(),
-        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        "{description} failed ({}):\nstdout:\n{}\nstderr:\n{}",
         output.status,
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
