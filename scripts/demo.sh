@@ -34,13 +34,14 @@ SUMMARY=()
 
 # Runs one step: prints "name ... ok (Ns)" or the step's output and fails.
 step() {
-    local name=$1 started rc=0
+    local name=$1 started_ms rc=0
     shift
-    started=$(date +%s.%N)
+    started_ms=$(($(date +%s%N) / 1000000))
     printf '%-52s ' "$name" >&2
     "$@" >>"$STEP_LOG" 2>&1 || rc=$?
-    local elapsed
-    elapsed=$(printf '%.1f' "$(echo "$(date +%s.%N) - $started" | bc 2>/dev/null || echo 0)")
+    local elapsed_ms elapsed
+    elapsed_ms=$(($(date +%s%N) / 1000000 - started_ms))
+    elapsed=$(printf '%d.%d' $((elapsed_ms / 1000)) $((elapsed_ms % 1000 / 100)))
     if ((rc == 0)); then
         printf 'ok   (%ss)\n' "$elapsed" >&2
         SUMMARY+=("$name|ok|${elapsed}s")
