@@ -91,10 +91,19 @@ ensure_key() {
         info "creating access key $KEY_NAME"
         garage_cli key create "$KEY_NAME" >/dev/null
     fi
-    garage_cli key info "$KEY_NAME" --key-id | tr -d '[:space:]' >"$GARAGE_DIR/access_key_id.tmp"
+    local key_id secret
+    key_id=$(garage_cli key info "$KEY_NAME" --key-id) || die "cannot read the id of Garage key $KEY_NAME"
+    key_id=${key_id//[[:space:]]/}
+    [[ $key_id =~ ^GK[0-9a-f]+$ ]] || die "unexpected id \"$key_id\" of Garage key $KEY_NAME"
+    # The secret stays in a shell variable and goes to the file through a builtin, so it
+    # never appears in an argument list or on the terminal.
+    secret=$(garage_cli key info "$KEY_NAME" --secret-key 2>/dev/null) || die "cannot read the secret of Garage key $KEY_NAME"
+    secret=${secret//[[:space:]]/}
+    [[ -n $secret && $secret != "(redacted)" ]] || die "Garage returned no secret for key $KEY_NAME"
+
+    printf '%s\n' "$key_id" >"$GARAGE_DIR/access_key_id.tmp"
     mv -f "$GARAGE_DIR/access_key_id.tmp" "$GARAGE_DIR/access_key_id"
-    garage_cli key info "$KEY_NAME" --secret-key | tr -d '[:space:]' | write_private "$GARAGE_DIR/secret_access_key"
-    [[ -s $GARAGE_DIR/secret_access_key ]] || die "Garage returned an empty secret for key $KEY_NAME"
+    printf '%s\n' "$secret" | write_private "$GARAGE_DIR/secret_access_key"
 }
 
 valid_bucket_name() {

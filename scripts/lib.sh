@@ -8,6 +8,7 @@
 
 # The directory that holds every configuration, state, log and PID file of one stack.
 DATANET_RUN_DIR=${DATANET_RUN_DIR:-/var/tmp/datanet-run}
+DATANET_RUN_DIR=${DATANET_RUN_DIR%/}
 RUN=$DATANET_RUN_DIR
 
 # Where the Garage binary is cached between runs (setup.sh builds it there).
