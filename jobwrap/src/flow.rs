@@ -1,0 +1,569 @@
+//! The job flow: validate, prepare the working directory, stage in, submit, track,
+//! stage out, clean up.
+//!
+//! Every step starts from the ledger record and ends by saving it, so a jobwrap killed
+//! at any point continues from the last saved phase on `resume`. Submission is made
+//! idempotent by saving the intent (phase `submitting` and a unique `--comment`) before
+//! sbatch runs: a resumed job in that phase first looks for a Slurm job with that
+//! comment, and for the wrapper's `started` file, and submits only when neither exists.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datanet::config::ClusterConfig;
+use datanet::Config;
+use futures::StreamExt;
+use object_store::{ObjectStoreExt, PutPayload};
+
+use crate::error::JobError;
+use crate::fault;
+use crate::ledger::{now_seconds, JobLock, JobRecord, Ledger, OutputFile, SlurmRecord};
+use crate::progress::Progress;
+use crate::sbatch_options::{has_option, inspect, script_header_options};
+use crate::slurm::Slurm;
+use crate::spec::JobSpec;
+use crate::stage_in::{self, Spaces};
+use crate::stage_out;
+use crate::state::{JobState, Phase};
+use crate::track;
+use crate::workdir::{self, Owner};
+use crate::wrapper::{self, SCRIPT_FILE, WRAPPER_FILE};
+
+/// How often the record is saved while many small files are transferred.
+const PROGRESS_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Shared state of one jobwrap invocation.
+pub struct Jobwrap {
+    pub config: Config,
+    pub ledger: Ledger,
+}
+
+/// Prints a user-facing progress line on stderr.
+fn notify(record: &JobRecord, message: impl std::fmt::Display) {
+    eprintln!("jobwrap: job {}: {message}", record.id);
+}
+
+impl Jobwrap {
+    pub fn new(config: Config) -> Result<Jobwrap, JobError> {
+        let ledger = Ledger::open(&config.jobwrap.state_dir)?;
+        Ok(Jobwrap { config, ledger })
+    }
+
+    fn cluster(&self, name: Option<&str>) -> Result<&ClusterConfig, JobError> {
+        let names: Vec<&str> = self.config.clusters.keys().map(String::as_str).collect();
+        let chosen = match name {
+            Some(name) => self.config.clusters.get(name),
+            None if names.len() == 1 => self.config.clusters.values().next(),
+            None => None,
+        };
+        chosen.ok_or_else(|| {
+            let problem = match (name, names.is_empty()) {
+                (_, true) => format!("no [clusters.NAME] section in {}", self.config.source.display()),
+                (Some(name), false) => format!("no cluster {name:?}; configured clusters: {}", names.join(", ")),
+                (None, false) => format!("several clusters are configured ({}); choose one with --cluster NAME", names.join(", ")),
+            };
+            JobError::Rejected(vec![problem])
+        })
+    }
+
+    fn slurm(&self, record: &JobRecord) -> Result<Slurm, JobError> {
+        let cluster = self.cluster(Some(&record.cluster))?;
+        Ok(Slurm {
+            slurm_conf: cluster.slurm_conf.clone(),
+        })
+    }
+
+    fn spaces(&self, spec: &JobSpec) -> Result<Spaces, JobError> {
+        let mut names: Vec<&str> = spec.stage_in.iter().map(|input| input.source.space.as_str()).collect();
+        names.extend(spec.stage_out.iter().filter_map(|out| out.destination.as_ref()).map(|d| d.space.as_str()));
+        names.extend(spec.output.iter().map(|output| output.space.as_str()));
+        Spaces::open(&self.config, names).map_err(|err| JobError::Rejected(vec![err.to_string()]))
+    }
+
+    /// Validates a job and creates its record. Nothing is submitted when this fails.
+    pub async fn create(&self, spec: JobSpec) -> Result<(JobRecord, JobLock), JobError> {
+        spec.check()?;
+        let cluster = self.cluster(spec.cluster.as_deref())?.clone();
+        let spaces = self.spaces(&spec)?;
+        let id = crate::ledger::new_job_id();
+
+        let mut problems = Vec::new();
+        let inputs = match stage_in::plan(&spaces, &spec.stage_in).await {
+            Ok(inputs) => inputs,
+            Err(found) => {
+                problems.extend(found);
+                Vec::new()
+            }
+        };
+        problems.extend(probe_outputs(&spaces, &spec, &id).await);
+        if !cluster.scratch_root.is_dir() {
+            problems.push(format!(
+                "scratch root {} of cluster {} is not a directory; create it or fix clusters.{}.scratch_root",
+                cluster.scratch_root.display(),
+                cluster.name,
+                cluster.name
+            ));
+        }
+        if !problems.is_empty() {
+            return Err(JobError::Rejected(problems));
+        }
+
+        let owner = Owner::submitting_user();
+        let mut record = JobRecord {
+            id: id.clone(),
+            created_at: now_seconds(),
+            updated_at: now_seconds(),
+            workdir: workdir::workdir_path(&cluster.scratch_root, &id),
+            cluster: cluster.name.clone(),
+            uid: owner.uid,
+            gid: owner.gid,
+            submit_comment: format!("jobwrap:{id}"),
+            phase: Phase::Preparing,
+            state: JobState::Unsubmitted,
+            slurm: SlurmRecord::default(),
+            inputs,
+            outputs: Vec::new(),
+            missing_outputs: Vec::new(),
+            workdir_removed: false,
+            error: None,
+            driver_pid: None,
+            spec,
+        };
+        let lock = self.ledger.lock(&id)?;
+        self.ledger.save(&mut record)?;
+        Ok((record, lock))
+    }
+
+    /// Runs the job from its recorded phase. With `detach`, returns once the job is
+    /// submitted. The caller holds the job's lock.
+    pub async fn drive(&self, mut record: JobRecord, detach: bool) -> Result<JobRecord, JobError> {
+        record.driver_pid = Some(std::process::id());
+        self.ledger.save(&mut record)?;
+        let result = self.drive_phases(&mut record, detach).await;
+
+        record.driver_pid = None;
+        if let Err(err) = &result {
+            record.error = Some(err.to_string());
+        }
+        self.ledger.save(&mut record)?;
+        result.map(|()| record)
+    }
+
+    async fn drive_phases(&self, record: &mut JobRecord, detach: bool) -> Result<(), JobError> {
+        loop {
+            if record.phase < Phase::Submitted && self.ledger.cancel_requested(&record.id) {
+                self.cancel_before_submission(record).await?;
+            }
+            match record.phase {
+                Phase::Preparing => self.prepare(record)?,
+                Phase::StageIn => self.stage_in(record).await?,
+                Phase::Submitting => {
+                    self.submit(record)?;
+                    if detach {
+                        return Ok(());
+                    }
+                }
+                Phase::Submitted => self.track(record).await?,
+                Phase::StageOut => self.stage_out(record).await?,
+                Phase::Finished => return Ok(()),
+            }
+        }
+    }
+
+    fn owner(record: &JobRecord) -> Owner {
+        Owner {
+            uid: record.uid,
+            gid: record.gid,
+        }
+    }
+
+    /// Creates the working directory, writes the script and wrapper, and checks the
+    /// submission with `sbatch --test-only`.
+    fn prepare(&self, record: &mut JobRecord) -> Result<(), JobError> {
+        let owner = Self::owner(record);
+        workdir::create(&record.workdir, owner)?;
+        workdir::write_control_file(&record.workdir, SCRIPT_FILE, &record.spec.script_text, 0o700, owner)?;
+        let wrapper_text = wrapper::wrapper_text(&record.spec.script_text);
+        workdir::write_control_file(&record.workdir, WRAPPER_FILE, &wrapper_text, 0o700, owner)?;
+
+        let slurm = self.slurm(record)?;
+        if let Err(err) = slurm.test_only(&self.sbatch_args(record)) {
+            record.phase = Phase::Finished;
+            record.state = JobState::Failed;
+            record.error = Some(err.to_string());
+            let _ = workdir::remove(&record.workdir);
+            record.workdir_removed = true;
+            self.ledger.save(record)?;
+            return Err(JobError::Rejected(vec![format!("sbatch rejected the job options: {err}")]));
+        }
+
+        record.phase = Phase::StageIn;
+        self.ledger.save(record)?;
+        notify(record, format!("working directory {}", record.workdir.display()));
+        Ok(())
+    }
+
+    /// The sbatch arguments after `--parsable`: jobwrap's settings, the user's options
+    /// unchanged, the wrapper and the script arguments. Every value is one argv word.
+    fn sbatch_args(&self, record: &JobRecord) -> Vec<OsString> {
+        let spec = &record.spec;
+        let mut chdir = OsString::from("--chdir=");
+        chdir.push(&record.workdir);
+        let mut args = vec![chdir, OsString::from(format!("--comment={}", record.submit_comment))];
+
+        let mut declared = inspect(&spec.sbatch_options);
+        declared.extend(inspect(&script_header_options(&spec.script_text)));
+        if !has_option(&declared, "job-name", Some('J')) {
+            args.push(OsString::from(format!("--job-name={}", spec.script_name)));
+        }
+        // SAFETY: geteuid cannot fail.
+        if record.uid != unsafe { libc::geteuid() } {
+            args.push(OsString::from(format!("--uid={}", record.uid)));
+            args.push(OsString::from(format!("--gid={}", record.gid)));
+        }
+        args.extend(spec.sbatch_options.iter().map(OsString::from));
+        args.push(record.workdir.join(workdir::CONTROL_DIR).join(WRAPPER_FILE).into_os_string());
+        args.extend(spec.script_args.iter().map(OsString::from));
+        args
+    }
+
+    async fn stage_in(&self, record: &mut JobRecord) -> Result<(), JobError> {
+        let owner = Self::owner(record);
+        for file in record.inputs.iter_mut().filter(|file| file.done) {
+            let present = std::fs::metadata(record.workdir.join(&file.destination))
+                .map(|meta| meta.len() == file.size_bytes)
+                .unwrap_or(false);
+            file.done = present;
+        }
+        let pending: Vec<usize> = (0..record.inputs.len()).filter(|&index| !record.inputs[index].done).collect();
+
+        if !pending.is_empty() {
+            let spaces = self.spaces(&record.spec)?;
+            let files = record.inputs.clone();
+            let bytes: u64 = pending.iter().map(|&index| files[index].size_bytes).sum();
+            notify(record, format!("stage-in of {} files ({bytes} bytes)", pending.len()));
+            let progress = Arc::new(Progress::new("stage-in", pending.len() as u64, bytes));
+            let concurrency = self.config.jobwrap.transfer_concurrency;
+            let workdir = record.workdir.clone();
+            let mut stream =
+                std::pin::pin!(stage_in::download_all(&spaces, &files, pending, &workdir, owner, concurrency, Arc::clone(&progress)));
+
+            let mut failures = Vec::new();
+            let mut last_save = Instant::now();
+            while let Some(done) = stream.next().await {
+                match done.result {
+                    Ok((sha256, verified)) => {
+                        let file = &mut record.inputs[done.index];
+                        file.done = true;
+                        file.sha256 = Some(sha256);
+                        file.verified = Some(verified);
+                        fault::kill_point("stage-in");
+                    }
+                    Err(err) => failures.push(err),
+                }
+                if self.ledger.cancel_requested(&record.id) {
+                    break;
+                }
+                if last_save.elapsed() >= PROGRESS_SAVE_INTERVAL {
+                    self.ledger.save(record)?;
+                    last_save = Instant::now();
+                }
+            }
+            drop(stream);
+            progress.finish();
+            self.ledger.save(record)?;
+
+            if self.ledger.cancel_requested(&record.id) {
+                return Ok(());
+            }
+            if !failures.is_empty() {
+                record.phase = Phase::Finished;
+                record.state = JobState::Failed;
+                if !record.spec.keep_workdir {
+                    workdir::remove(&record.workdir)?;
+                    record.workdir_removed = true;
+                }
+                self.ledger.save(record)?;
+                return Err(JobError::Transfer(format!(
+                    "stage-in failed, nothing was submitted:\n  {}",
+                    failures.join("\n  ")
+                )));
+            }
+        }
+
+        record.phase = Phase::Submitting;
+        self.ledger.save(record)?;
+        Ok(())
+    }
+
+    /// Submits the job unless an earlier, interrupted run already did.
+    fn submit(&self, record: &mut JobRecord) -> Result<(), JobError> {
+        let slurm = self.slurm(record)?;
+        let existing = self.find_submitted(record, &slurm)?;
+        let job_id = match existing {
+            Some(job_id) => {
+                notify(record, format!("found Slurm job {job_id} from an interrupted submission"));
+                job_id
+            }
+            None => {
+                let job_id = slurm.sbatch(&self.sbatch_args(record))?;
+                fault::kill_point("after-sbatch");
+                notify(record, format!("submitted as Slurm job {job_id}"));
+                job_id
+            }
+        };
+        record.slurm.job_id = Some(job_id);
+        record.state = JobState::Pending;
+        record.phase = Phase::Submitted;
+        self.ledger.save(record)?;
+        Ok(())
+    }
+
+    /// Looks for a job submitted by an earlier run that died before recording the id.
+    fn find_submitted(&self, record: &JobRecord, slurm: &Slurm) -> Result<Option<String>, JobError> {
+        let mut found = slurm.find_by_comment(&record.submit_comment)?;
+        found.sort();
+        if found.len() > 1 {
+            tracing::warn!(job = %record.id, ids = ?found, "several Slurm jobs carry this job's comment");
+        }
+        if let Some(job_id) = found.into_iter().next() {
+            return Ok(Some(job_id));
+        }
+        Ok(wrapper::read_status(&record.workdir).job_id)
+    }
+
+    async fn track(&self, record: &mut JobRecord) -> Result<(), JobError> {
+        let slurm = self.slurm(record)?;
+        let job_id = record.slurm.job_id.clone().unwrap_or_default();
+        let mut cancel_sent = false;
+
+        let final_state = loop {
+            if !cancel_sent && self.ledger.cancel_requested(&record.id) {
+                notify(record, format!("cancelling Slurm job {job_id}"));
+                if let Err(err) = slurm.scancel(&job_id) {
+                    tracing::warn!(job = %record.id, error = %err, "scancel failed");
+                }
+                cancel_sent = true;
+            }
+
+            match slurm.show_job(&job_id) {
+                Ok(Some(info)) => {
+                    let state = track::apply_job_info(record, &info);
+                    if let Some(state) = state {
+                        if state != record.state {
+                            record.state = state;
+                            self.ledger.save(record)?;
+                            notify(record, format!("Slurm job {job_id} is {state}"));
+                            if state == JobState::Running {
+                                fault::kill_point("running");
+                            }
+                        }
+                        if state.is_final() {
+                            record.slurm.verdict_source = Some("scontrol".into());
+                            break state;
+                        }
+                    }
+                }
+                Ok(None) => break track::verdict_without_scontrol(record, &slurm),
+                Err(err) => tracing::warn!(job = %record.id, error = %err, "cannot query the job; retrying"),
+            }
+            tokio::time::sleep(self.config.jobwrap.poll_interval).await;
+        };
+
+        track::wait_for_completion(&slurm, &job_id, &record.workdir);
+        let status = wrapper::read_status(&record.workdir);
+        if final_state != JobState::Completed {
+            if let Some(code) = status.exit_code.filter(|&code| code != 0) {
+                record.slurm.exit_code = Some(code);
+            }
+        }
+        record.state = final_state;
+        record.phase = Phase::StageOut;
+        self.ledger.save(record)?;
+        notify(record, format!("Slurm job {job_id} ended: {final_state}"));
+        Ok(())
+    }
+
+    fn log_files(record: &JobRecord) -> Vec<PathBuf> {
+        let mut logs = Vec::new();
+        let job_id = record.slurm.job_id.clone().unwrap_or_default();
+        let default = record.workdir.join(format!("slurm-{job_id}.out"));
+        for path in [record.slurm.stdout.clone(), record.slurm.stderr.clone(), Some(default)].into_iter().flatten() {
+            let path = if path.is_absolute() { path } else { record.workdir.join(path) };
+            if !logs.contains(&path) {
+                logs.push(path);
+            }
+        }
+        logs
+    }
+
+    async fn stage_out(&self, record: &mut JobRecord) -> Result<(), JobError> {
+        let spaces = self.spaces(&record.spec)?;
+        let from_failed_job = record.state != JobState::Completed;
+        let (planned, missing) = stage_out::plan(&record.spec, &record.workdir, &Self::log_files(record));
+        record.missing_outputs = missing;
+        for pattern in &record.missing_outputs {
+            notify(record, format!("declared output {pattern:?} matched no file"));
+        }
+
+        let pending: Vec<_> = planned
+            .into_iter()
+            .filter(|output| {
+                !record
+                    .outputs
+                    .iter()
+                    .any(|done| done.local == output.local_name && done.destination == output.destination)
+            })
+            .collect();
+        let bytes: u64 = pending.iter().filter_map(|o| std::fs::metadata(&o.path).ok()).map(|m| m.len()).sum();
+        let progress = Progress::new("stage-out", pending.len() as u64, bytes);
+        let concurrency = self.config.jobwrap.transfer_concurrency;
+        let mut stream = futures::stream::iter(pending)
+            .map(|output| {
+                let space = spaces.get(&output.destination.space).clone();
+                async move {
+                    let result = stage_out::upload_with_retries(&space, &output).await;
+                    (output, result)
+                }
+            })
+            .buffer_unordered(concurrency);
+
+        let mut failures = Vec::new();
+        let mut last_save = Instant::now();
+        while let Some((output, result)) = stream.next().await {
+            match result {
+                Ok((size_bytes, sha256, verified)) => {
+                    progress.add_bytes(size_bytes);
+                    record.outputs.push(OutputFile {
+                        local: output.local_name,
+                        destination: output.destination,
+                        size_bytes,
+                        sha256,
+                        verified,
+                        from_failed_job,
+                    });
+                    fault::kill_point("stage-out");
+                }
+                Err(err) => failures.push(err),
+            }
+            progress.file_done();
+            if last_save.elapsed() >= PROGRESS_SAVE_INTERVAL {
+                self.ledger.save(record)?;
+                last_save = Instant::now();
+            }
+        }
+        progress.finish();
+
+        if !failures.is_empty() {
+            self.ledger.save(record)?;
+            return Err(JobError::Transfer(format!(
+                "stage-out incomplete, working directory {} kept; run `jobwrap resume {}` to retry:\n  {}",
+                record.workdir.display(),
+                record.id,
+                failures.join("\n  ")
+            )));
+        }
+
+        if record.spec.keep_workdir {
+            notify(record, format!("working directory kept at {}", record.workdir.display()));
+        } else {
+            workdir::remove(&record.workdir)?;
+            record.workdir_removed = true;
+        }
+        record.phase = Phase::Finished;
+        self.ledger.save(record)?;
+        Ok(())
+    }
+
+    async fn cancel_before_submission(&self, record: &mut JobRecord) -> Result<(), JobError> {
+        if record.phase == Phase::Submitting {
+            let slurm = self.slurm(record)?;
+            if let Some(job_id) = self.find_submitted(record, &slurm)? {
+                // The job was submitted after all: record it and let tracking cancel it.
+                record.slurm.job_id = Some(job_id);
+                record.phase = Phase::Submitted;
+                record.state = JobState::Pending;
+                self.ledger.save(record)?;
+                return Ok(());
+            }
+        }
+        record.state = JobState::Cancelled;
+        record.phase = Phase::Finished;
+        if !record.spec.keep_workdir {
+            workdir::remove(&record.workdir)?;
+            record.workdir_removed = true;
+        }
+        self.ledger.save(record)?;
+        Err(JobError::CancelledBeforeSubmit(record.id.clone()))
+    }
+
+    /// Cancels a job: records the request, cancels the Slurm job, and finishes the job
+    /// here unless another jobwrap process is driving it.
+    pub async fn cancel(&self, id: &str) -> Result<Option<JobRecord>, JobError> {
+        let record = self.ledger.find(id)?;
+        self.ledger.request_cancel(&record.id)?;
+        let slurm = self.slurm(&record)?;
+        let mut job_ids: Vec<String> = record.slurm.job_id.iter().cloned().collect();
+        if record.phase == Phase::Submitting && job_ids.is_empty() {
+            job_ids = slurm.find_by_comment(&record.submit_comment)?;
+        }
+        if record.phase < Phase::StageOut {
+            for job_id in &job_ids {
+                slurm.scancel(job_id)?;
+            }
+        }
+
+        match self.ledger.lock(&record.id) {
+            Ok(_lock) => {
+                let record = self.ledger.load(&record.id)?;
+                match self.drive(record, false).await {
+                    Ok(record) => Ok(Some(record)),
+                    Err(JobError::CancelledBeforeSubmit(_)) => Ok(Some(self.ledger.load(id)?)),
+                    Err(err) => Err(err),
+                }
+            }
+            Err(JobError::Locked { .. }) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+}
+
+/// Checks that every output location accepts writes: a small probe object is written
+/// and deleted. Returns one problem line per location that fails.
+async fn probe_outputs(spaces: &Spaces, spec: &JobSpec, id: &str) -> Vec<String> {
+    let mut locations: Vec<crate::location::SpaceLocation> = Vec::new();
+    for destination in spec.stage_out.iter().filter_map(|out| out.destination.clone()).chain(spec.output.clone()) {
+        let prefix = if destination.is_prefix() {
+            destination
+        } else {
+            let parent = destination.path.rsplit_once('/').map(|(parent, _)| format!("{parent}/")).unwrap_or_default();
+            crate::location::SpaceLocation {
+                space: destination.space,
+                path: parent,
+            }
+        };
+        if !locations.contains(&prefix) {
+            locations.push(prefix);
+        }
+    }
+
+    let mut problems = Vec::new();
+    for location in locations {
+        let space = spaces.get(&location.space);
+        if space.config.read_only {
+            problems.push(format!("output location {location} is in read-only space {:?}", location.space));
+            continue;
+        }
+        let probe = location.join(&format!(".jobwrap-probe-{id}")).object_path();
+        let result = match space.store.put(&probe, PutPayload::from_static(b"jobwrap write probe\n")).await {
+            Ok(_) => space.store.delete(&probe).await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = result {
+            problems.push(format!("output location {location} is not writable: {err}"));
+        }
+    }
+    problems
+}

@@ -1,0 +1,290 @@
+//! Stage-in: planning (which objects exist and where they go) and verified, parallel
+//! downloads straight from the object stores into the working directory.
+//!
+//! A file appears under its final name only after all its bytes were written, synced
+//! and verified: the byte count must equal the size from HEAD or the listing, and when
+//! an S3 ETag is a plain MD5 (single-part upload) the MD5 of the bytes must equal it. A
+//! download is pinned to the planned ETag with `If-Match`, so an object replaced during
+//! staging fails instead of mixing versions. A SHA-256 of every file goes to the ledger.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datanet::config::SpaceLocation as SpaceUrl;
+use datanet::{Config, Space};
+use futures::{StreamExt, TryStreamExt};
+use md5::{Digest, Md5};
+use object_store::{GetOptions, ObjectStoreExt};
+use sha2::Sha256;
+use tokio::io::AsyncWriteExt;
+
+use crate::error::JobError;
+use crate::ledger::InputFile;
+use crate::location::SpaceLocation;
+use crate::progress::Progress;
+use crate::spec::StageIn;
+use crate::workdir::{self, Owner};
+
+/// Attempts per file, for failures the object store client does not retry itself
+/// (a broken body stream, a size or checksum mismatch).
+pub const TRANSFER_ATTEMPTS: u32 = 4;
+/// Wait before the second attempt; doubled for each further attempt.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The spaces a job uses, opened once.
+#[derive(Debug, Clone, Default)]
+pub struct Spaces {
+    opened: HashMap<String, Space>,
+}
+
+impl Spaces {
+    /// Opens every space named by `names`.
+    pub fn open<'a>(config: &Config, names: impl IntoIterator<Item = &'a str>) -> Result<Spaces, JobError> {
+        let mut opened = HashMap::new();
+        for name in names {
+            if opened.contains_key(name) {
+                continue;
+            }
+            let space = datanet::open_space(config.space(name)?)?;
+            opened.insert(name.to_string(), space);
+        }
+        Ok(Spaces { opened })
+    }
+
+    pub fn get(&self, name: &str) -> &Space {
+        &self.opened[name]
+    }
+}
+
+/// Strips quotes from an S3 ETag and returns it when it is a plain MD5 (single-part
+/// upload). Multipart ETags (`<md5>-<parts>`) and other stores' ETags return `None`.
+pub fn md5_from_e_tag(space: &Space, e_tag: Option<&str>) -> Option<String> {
+    if !matches!(space.config.location, SpaceUrl::S3 { .. }) {
+        return None;
+    }
+    let tag = e_tag?.trim_matches('"');
+    (tag.len() == 32 && tag.chars().all(|c| c.is_ascii_hexdigit())).then(|| tag.to_ascii_lowercase())
+}
+
+/// Resolves every stage-in to the objects it copies. Returns one problem line per input
+/// that is missing or unreadable.
+pub async fn plan(spaces: &Spaces, inputs: &[StageIn]) -> Result<Vec<InputFile>, Vec<String>> {
+    let mut files = Vec::new();
+    let mut problems = Vec::new();
+    for input in inputs {
+        match plan_one(spaces.get(&input.source.space), input).await {
+            Ok(planned) => files.extend(planned),
+            Err(problem) => problems.push(problem),
+        }
+    }
+
+    let mut seen = BTreeSet::new();
+    for file in &files {
+        if !seen.insert(file.destination.as_str()) {
+            problems.push(format!(
+                "two inputs are staged to the same path {:?}; give one of them another --to",
+                file.destination
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(files)
+    } else {
+        Err(problems)
+    }
+}
+
+async fn plan_one(space: &Space, input: &StageIn) -> Result<Vec<InputFile>, String> {
+    let source = &input.source;
+    if !source.is_prefix() {
+        match space.store.head(&source.object_path()).await {
+            Ok(meta) => {
+                return Ok(vec![InputFile {
+                    source: source.clone(),
+                    destination: input.destination.clone(),
+                    size_bytes: meta.size,
+                    e_tag: meta.e_tag,
+                    done: false,
+                    sha256: None,
+                    verified: None,
+                }])
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(err) => return Err(format!("input {source}: cannot read it: {err}")),
+        }
+    }
+
+    let prefix = source.object_path();
+    let list_prefix = (!source.path.is_empty()).then_some(&prefix);
+    let objects: Vec<_> = space
+        .store
+        .list(list_prefix)
+        .try_collect()
+        .await
+        .map_err(|err| format!("input {source}: cannot list it: {err}"))?;
+
+    let mut files = Vec::new();
+    for meta in objects {
+        let key = meta.location.as_ref();
+        let relative = if source.path.is_empty() {
+            key
+        } else {
+            key.strip_prefix(prefix.as_ref()).and_then(|rest| rest.strip_prefix('/')).unwrap_or(key)
+        };
+        if relative.is_empty() || key.ends_with('/') {
+            continue;
+        }
+        files.push(InputFile {
+            source: SpaceLocation {
+                space: source.space.clone(),
+                path: key.to_string(),
+            },
+            destination: format!("{}/{}", input.destination, relative),
+            size_bytes: meta.size,
+            e_tag: meta.e_tag,
+            done: false,
+            sha256: None,
+            verified: None,
+        });
+    }
+    if files.is_empty() {
+        return Err(format!(
+            "input {source} not found: no object or prefix of that name in space {:?}",
+            source.space
+        ));
+    }
+    Ok(files)
+}
+
+/// Result of one verified download.
+pub struct Downloaded {
+    pub index: usize,
+    pub result: Result<(String, String), String>,
+}
+
+/// Downloads the files at `indexes` with up to `concurrency` transfers at a time. Yields
+/// each file's result as it finishes so the caller can record progress.
+pub fn download_all<'a>(
+    spaces: &'a Spaces,
+    files: &'a [InputFile],
+    indexes: Vec<usize>,
+    workdir: &'a Path,
+    owner: Owner,
+    concurrency: usize,
+    progress: Arc<Progress>,
+) -> impl futures::Stream<Item = Downloaded> + 'a {
+    futures::stream::iter(indexes)
+        .map(move |index| {
+            let progress = Arc::clone(&progress);
+            async move {
+                let file = &files[index];
+                let space = spaces.get(&file.source.space);
+                let result = download_with_retries(space, file, workdir, owner, &progress).await;
+                progress.file_done();
+                Downloaded { index, result }
+            }
+        })
+        .buffer_unordered(concurrency)
+}
+
+async fn download_with_retries(
+    space: &Space,
+    file: &InputFile,
+    workdir: &Path,
+    owner: Owner,
+    progress: &Progress,
+) -> Result<(String, String), String> {
+    let mut backoff = FIRST_BACKOFF;
+    let mut attempt = 1;
+    loop {
+        let mut counted = 0u64;
+        match download_once(space, file, workdir, owner, progress, &mut counted).await {
+            Ok(done) => return Ok(done),
+            Err(err) => {
+                progress.remove_bytes(counted);
+                if attempt >= TRANSFER_ATTEMPTS {
+                    return Err(format!("stage-in of {} failed after {attempt} attempts: {err}", file.source));
+                }
+                tracing::warn!(source = %file.source, attempt, error = %err, "stage-in transfer failed, retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+                attempt += 1;
+            }
+        }
+    }
+}
+
+/// Downloads one object to a temporary name, verifies it and renames it into place.
+/// Returns the SHA-256 and what was verified.
+async fn download_once(
+    space: &Space,
+    file: &InputFile,
+    workdir: &Path,
+    owner: Owner,
+    progress: &Progress,
+    counted: &mut u64,
+) -> Result<(String, String), String> {
+    let relative = Path::new(&file.destination);
+    workdir::create_parents(workdir, relative, owner).map_err(|err| err.to_string())?;
+    let target = workdir.join(relative);
+    let file_name = relative.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let partial = target.with_file_name(format!(".{file_name}.jobwrap-part"));
+
+    let options = GetOptions::new().with_if_match(file.e_tag.clone());
+    let result = space
+        .store
+        .get_opts(&file.source.object_path(), options)
+        .await
+        .map_err(|err| format!("cannot read {}: {err}", file.source))?;
+    let mut stream = result.into_stream();
+
+    let mut output = tokio::fs::File::create(&partial)
+        .await
+        .map_err(|err| format!("cannot create {}: {err}", partial.display()))?;
+    let mut md5 = Md5::new();
+    let mut sha256 = Sha256::new();
+    let mut written = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|err| format!("reading {} failed: {err}", file.source))?;
+        md5.update(&chunk);
+        sha256.update(&chunk);
+        output
+            .write_all(&chunk)
+            .await
+            .map_err(|err| format!("cannot write {}: {err}", partial.display()))?;
+        written += chunk.len() as u64;
+        *counted += chunk.len() as u64;
+        progress.add_bytes(chunk.len() as u64);
+    }
+    output
+        .sync_all()
+        .await
+        .map_err(|err| format!("cannot sync {}: {err}", partial.display()))?;
+    drop(output);
+
+    let verified = verify(space, file, written, &hex::encode(md5.finalize()))?;
+    owner.chown(&partial).map_err(|err| err.to_string())?;
+    tokio::fs::rename(&partial, &target)
+        .await
+        .map_err(|err| format!("cannot rename {} into place: {err}", partial.display()))?;
+    Ok((hex::encode(sha256.finalize()), verified))
+}
+
+fn verify(space: &Space, file: &InputFile, written: u64, md5_hex: &str) -> Result<String, String> {
+    if written != file.size_bytes {
+        return Err(format!(
+            "size mismatch for {}: expected {} bytes, received {written}",
+            file.source, file.size_bytes
+        ));
+    }
+    match md5_from_e_tag(space, file.e_tag.as_deref()) {
+        Some(expected) if expected != md5_hex => Err(format!(
+            "checksum mismatch for {}: ETag MD5 {expected}, received data MD5 {md5_hex}",
+            file.source
+        )),
+        Some(_) => Ok("size+md5".into()),
+        None => Ok("size".into()),
+    }
+}
