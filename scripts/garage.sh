@@ -106,14 +106,14 @@ ensure_key() {
     printf '%s\n' "$secret" | write_private "$GARAGE_DIR/secret_access_key"
 }
 
-valid_bucket_name() {
-    [[ $1 =~ ^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$ ]]
+require_valid_bucket_name() {
+    [[ $1 =~ ^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$ ]] ||
+        die "invalid bucket name \"$1\": use 3 to 63 lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
 }
 
 ensure_bucket() {
     local bucket=$1
-    valid_bucket_name "$bucket" ||
-        die "invalid bucket name \"$bucket\": use 3 to 63 lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
+    require_valid_bucket_name "$bucket"
     if ! garage_cli bucket info "$bucket" >/dev/null 2>&1; then
         # A concurrent caller may have created it in between; only a bucket that still
         # does not exist afterwards is an error.
@@ -173,6 +173,7 @@ cmd_status() {
 
 cmd_bucket() {
     [[ $# -eq 1 ]] || die "usage: $0 bucket NAME"
+    require_valid_bucket_name "$1"
     check_run_dir
     require_binary
     running_pid >/dev/null || die "Garage of $RUN is not running; run scripts/stack.sh up first"

@@ -45,12 +45,18 @@ impl PrivateStack {
 
     /// Runs `scripts/SCRIPT ARGS` against this stack's run directory and ports only.
     fn script(&self, script: &str, args: &[&str]) -> Output {
+        self.script_with(script, args, &[])
+    }
+
+    /// Like [`PrivateStack::script`], with extra environment variables set last.
+    fn script_with(&self, script: &str, args: &[&str], extra_env: &[(&str, &str)]) -> Output {
         let mut command = Command::new("bash");
         command.arg(scripts_dir().join(script)).args(args);
         command.env("DATANET_RUN_DIR", &self.run_dir);
         for (var, port) in &self.ports {
             command.env(var, port.to_string());
         }
+        command.envs(extra_env.iter().copied());
         run(&mut command)
     }
 
@@ -191,4 +197,46 @@ fn taken_port_is_named_with_its_service() {
 
     // Nothing was started, so nothing of this run directory is left running.
     assert!(processes_mentioning(&stack.run_dir).is_empty());
+}
+
+#[test]
+fn scripts_reject_bad_arguments() {
+    let stack = PrivateStack::new("datanet-argtest");
+    let cases: [(&str, &[&str], &str); 6] = [
+        ("stack.sh", &["up", "--three-clusters"], "usage:"),
+        ("stack.sh", &["restart"], "usage:"),
+        ("slurm.sh", &["start", "--cluster", "c"], "unknown cluster \"c\""),
+        ("slurm.sh", &["start", "--cluster"], "--cluster needs a value"),
+        ("garage.sh", &["bucket", "Bad_Bucket"], "invalid bucket name \"Bad_Bucket\""),
+        ("samba.sh", &["reload"], "usage:"),
+    ];
+    for (script, args, expected) in cases {
+        let output = stack.script(script, args);
+        assert!(!output.status.success(), "{script} {args:?} must fail");
+        let message = stderr(&output);
+        assert!(message.contains(expected), "{script} {args:?}: {message}");
+    }
+
+    let output = run(Command::new("bash")
+        .arg(scripts_dir().join("stack.sh"))
+        .arg("status")
+        .env("DATANET_RUN_DIR", "relative/run"));
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("DATANET_RUN_DIR=relative/run is not an absolute path"), "{}", stderr(&output));
+
+    let output = stack.script_with("stack.sh", &["up"], &[("DATANET_SMB_PORT", "70000")]);
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("DATANET_SMB_PORT=70000 is not a TCP port number"), "{}", stderr(&output));
+    assert!(processes_mentioning(&stack.run_dir).is_empty());
+}
+
+#[test]
+fn setup_second_run_installs_nothing() {
+    let output = run(Command::new("bash").arg(scripts_dir().join("setup.sh")));
+    assert_success(&output, "scripts/setup.sh");
+    let message = stderr(&output);
+    assert!(message.contains("Debian packages are installed"), "{message}");
+    assert!(message.contains("Garage binary cached"), "{message}");
+    assert!(!message.contains("installing"), "{message}");
+    assert!(!message.contains("building Garage"), "{message}");
 }
