@@ -713,10 +713,20 @@ impl DatanetFs {
         if let Some(writer) = &pending {
             writer.mark_unlinked();
         }
-        match handle.space.store.delete(&object_path(&key)?).await {
-            Ok(()) => {}
-            Err(object_store::Error::NotFound { .. }) if pending.is_some() => {}
-            Err(err) => return Err(FsError::from_store(err, &handle.describe(&key))),
+        if let Some(path) = handle.local_path(&key) {
+            // The local store's delete also removes emptied parent directories, which
+            // would make the directory vanish; remove the file alone.
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound && pending.is_some() => {}
+                Err(err) => return Err(FsError::from_io(err, &handle.describe(&key))),
+            }
+        } else {
+            match handle.space.store.delete(&object_path(&key)?).await {
+                Ok(()) => {}
+                Err(object_store::Error::NotFound { .. }) if pending.is_some() => {}
+                Err(err) => return Err(FsError::from_store(err, &handle.describe(&key))),
+            }
         }
 
         self.inodes.unlink(space, &key);
@@ -861,9 +871,19 @@ impl DatanetFs {
             let old_key = object.location.to_string();
             let new_key = format!("{to}{}", &old_key[from.len()..]);
             let new_path = object_path(&new_key)?;
-            crate::upload::rename_object(&handle.space, &object.location, &new_path, &self.upload)
-                .await
-                .map_err(|err| FsError::new(err.errno(), format!("rename {} to {new_key}: {err}", handle.describe(&old_key))))?;
+            match crate::upload::rename_object(&handle.space, &object.location, &new_path, &self.upload).await {
+                Ok(()) => {}
+                // A listing shows a subdirectory's `sub/` marker as `sub`, which no HEAD
+                // finds: move the marker instead.
+                Err(crate::upload::UploadError::Store(object_store::Error::NotFound { .. })) if object.size == 0 => {
+                    namespace::make_dir(handle, &new_key).await?;
+                    namespace::remove_dir(handle, &old_key).await?;
+                }
+                Err(err) => {
+                    let message = format!("rename {} to {new_key}: {err}", handle.describe(&old_key));
+                    return Err(FsError::new(err.errno(), message));
+                }
+            }
         }
         if had_marker || namespace::is_dir_empty(handle, to).await? {
             namespace::make_dir(handle, to).await?;
