@@ -1,0 +1,246 @@
+//! Test harness for jobwrap against the real service stack (Garage and Slurm).
+//!
+//! Each [`Harness`] owns a temporary directory with its own configuration, ledger,
+//! scratch root and local space, and its own prefixes in the stack's buckets, so tests
+//! run in parallel without seeing each other. Every Slurm job a harness submits carries
+//! the harness's unique job name; dropping the harness cancels only those jobs.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use datanet::Config;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+
+const STACK_HINT: &str = "run scripts/stack.sh up and source $RUN/env.sh";
+
+fn required_env(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(value) if !value.is_empty() => value,
+        _ => panic!("{name} is not set: {STACK_HINT}"),
+    }
+}
+
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(future)
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    /// Unique per harness; used as Slurm job name and as bucket prefix.
+    pub name: String,
+    pub config_path: PathBuf,
+    pub config: Config,
+    pub slurm_conf: PathBuf,
+    pub scratch_root: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Harness {
+    pub fn new(test: &str) -> Harness {
+        Harness::with_scratch_name(test, "scratch")
+    }
+
+    /// A harness whose scratch root is `<dir>/<scratch_name>` (which may contain spaces,
+    /// quotes and `$`).
+    pub fn with_scratch_name(test: &str, scratch_name: &str) -> Harness {
+        let stack_config = PathBuf::from(required_env("DATANET_CONFIG"));
+        let slurm_conf = PathBuf::from(required_env("DATANET_SLURM_CONF"));
+        let text = std::fs::read_to_string(&stack_config)
+            .unwrap_or_else(|err| panic!("cannot read {}: {err}; {STACK_HINT}", stack_config.display()));
+
+        let mut random = [0u8; 3];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").unwrap(), &mut random).unwrap();
+        let name = format!("jwt-{test}-{}", random.iter().map(|b| format!("{b:02x}")).collect::<String>());
+
+        let dir = tempfile::Builder::new().prefix(&format!("{name}-")).tempdir().unwrap();
+        let scratch_root = dir.path().join(scratch_name);
+        let state_dir = dir.path().join("state");
+        let local_space = dir.path().join("local space");
+        std::fs::create_dir_all(&scratch_root).unwrap();
+        std::fs::create_dir_all(&local_space).unwrap();
+
+        let mut value: toml::Table = text.parse().unwrap();
+        let spaces = value["spaces"].as_table_mut().unwrap();
+        for (space, bucket) in [("models", "datanet-models"), ("results", "datanet-results")] {
+            let table = spaces[space].as_table_mut().unwrap();
+            table.insert("url".into(), format!("s3://{bucket}/{name}").into());
+        }
+        let scratchspace = spaces["scratchspace"].as_table_mut().unwrap();
+        scratchspace.insert("url".into(), format!("file://{}", local_space.display()).into());
+
+        let clusters = value["clusters"].as_table_mut().unwrap();
+        clusters.retain(|cluster, _| cluster == "a");
+        let cluster = clusters["a"].as_table_mut().unwrap();
+        cluster.insert("slurm_conf".into(), slurm_conf.display().to_string().into());
+        cluster.insert("scratch_root".into(), scratch_root.display().to_string().into());
+
+        let mut jobwrap = toml::Table::new();
+        jobwrap.insert("state_dir".into(), state_dir.display().to_string().into());
+        jobwrap.insert("poll_interval".into(), "500ms".into());
+        jobwrap.insert("transfer_concurrency".into(), 8.into());
+        value.insert("jobwrap".into(), jobwrap.into());
+
+        let config_path = dir.path().join("datanet.toml");
+        std::fs::write(&config_path, toml::to_string(&value).unwrap()).unwrap();
+        let config = Config::load(&config_path).unwrap();
+
+        Harness {
+            dir,
+            name,
+            config_path,
+            config,
+            slurm_conf,
+            scratch_root,
+            state_dir,
+        }
+    }
+
+    fn store(&self, space: &str) -> std::sync::Arc<dyn ObjectStore> {
+        datanet::open_space(&self.config.spaces[space]).unwrap().store
+    }
+
+    pub fn put(&self, space: &str, path: &str, bytes: &[u8]) {
+        let store = self.store(space);
+        block_on(store.put(&ObjectPath::from(path), PutPayload::from(bytes.to_vec()))).unwrap();
+    }
+
+    pub fn get(&self, space: &str, path: &str) -> Option<Vec<u8>> {
+        let store = self.store(space);
+        block_on(async {
+            match store.get(&ObjectPath::from(path)).await {
+                Ok(result) => Some(result.bytes().await.unwrap().to_vec()),
+                Err(object_store::Error::NotFound { .. }) => None,
+                Err(err) => panic!("cannot read {space}:{path}: {err}"),
+            }
+        })
+    }
+
+    pub fn list(&self, space: &str, prefix: &str) -> Vec<String> {
+        use futures::TryStreamExt;
+        let store = self.store(space);
+        let prefix = ObjectPath::from(prefix);
+        let mut names: Vec<String> = block_on(store.list(Some(&prefix)).try_collect::<Vec<_>>())
+            .unwrap()
+            .into_iter()
+            .map(|meta| meta.location.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub fn write_script(&self, file_name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(file_name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// A `jobwrap` command with this harness's configuration.
+    pub fn jobwrap(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_jobwrap"));
+        command.arg("--config").arg(&self.config_path);
+        command.env_remove("JOBWRAP_FAULT_KILL_AT");
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let output = self.jobwrap().args(args).output().unwrap();
+        eprintln!(
+            "$ jobwrap {args:?} -> {:?}\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    /// Every ledger record of this harness, oldest first.
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        let jobs = self.state_dir.join("jobs");
+        let Ok(entries) = std::fs::read_dir(&jobs) else { return Vec::new() };
+        let mut records: Vec<serde_json::Value> = entries
+            .flatten()
+            .filter(|entry| entry.file_name().to_string_lossy().ends_with(".json"))
+            .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
+            .map(|entry| serde_json::from_slice(&std::fs::read(entry.path()).unwrap()).unwrap())
+            .collect();
+        records.sort_by_key(|record| record["created_at"].as_u64());
+        records
+    }
+
+    pub fn only_record(&self) -> serde_json::Value {
+        let records = self.records();
+        assert_eq!(records.len(), 1, "expected one ledger record: {records:#?}");
+        records.into_iter().next().unwrap()
+    }
+
+    /// Waits until `check` accepts the only record, or panics after `timeout`.
+    pub fn wait_for_record(&self, timeout: Duration, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            if let Some(record) = self.records().into_iter().next() {
+                if check(&record) {
+                    return record;
+                }
+            }
+            assert!(started.elapsed() < timeout, "record did not reach the expected state: {:#?}", self.records());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Slurm job ids (any state Slurm still remembers) with this harness's job name.
+    pub fn slurm_jobs(&self) -> Vec<String> {
+        let output = Command::new("squeue")
+            .env("SLURM_CONF", &self.slurm_conf)
+            .args(["-h", "-t", "all", "-o", "%i", "--name"])
+            .arg(&self.name)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "squeue failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).lines().map(|line| line.trim().to_string()).collect()
+    }
+
+    pub fn scancel(&self, job_id: &str) {
+        let status = Command::new("scancel").env("SLURM_CONF", &self.slurm_conf).arg(job_id).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Lists the working directories left under the scratch root.
+    pub fn workdirs(&self) -> Vec<String> {
+        std::fs::read_dir(&self.scratch_root)
+            .unwrap()
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        // Cancel only the jobs this harness submitted (they carry its unique name).
+        let _ = Command::new("scancel")
+            .env("SLURM_CONF", &self.slurm_conf)
+            .arg("--name")
+            .arg(&self.name)
+            .status();
+    }
+}
+
+pub fn text(bytes: Option<Vec<u8>>) -> String {
+    String::from_utf8(bytes.expect("object missing")).unwrap()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn assert_path_absent(path: &Path) {
+    assert!(!path.exists(), "{} still exists", path.display());
+}
