@@ -17,6 +17,7 @@ use object_store::ObjectStoreExt;
 
 use crate::config::Config;
 use crate::datacache::DataCache;
+use crate::dirmeta::DirMeta;
 use crate::error::{FsError, FsResult};
 use crate::inode::{space_root_ino, InodeTable, Kind, Target, ROOT_INO};
 use crate::metacache::{DirEntry, Entry, FileStat, MetaCache};
@@ -27,6 +28,12 @@ use crate::prefetch::{ObjectReader, ReadBudget};
 use crate::staging::{BaseObject, StagingSettings};
 use crate::upload::UploadSettings;
 use crate::write::Writer;
+
+/// HEAD requests in flight at once when reading the POSIX metadata of a listing.
+const META_HEAD_CONCURRENCY: usize = 16;
+
+/// Listings with more files than this get no metadata read-ahead.
+const META_HEAD_MAX_FILES: usize = 20_000;
 
 /// Free space that a staging write must leave on the cache filesystem.
 const STAGING_MIN_FREE_BYTES: u64 = 64 << 20;
@@ -100,7 +107,7 @@ pub struct Caller {
 }
 
 pub struct DatanetFs {
-    spaces: Vec<SpaceHandle>,
+    spaces: Vec<Arc<SpaceHandle>>,
     inodes: InodeTable,
     meta: MetaCache,
     data_cache: Option<Arc<DataCache>>,
@@ -114,6 +121,8 @@ pub struct DatanetFs {
     writers: Mutex<HashMap<u64, Arc<Writer>>>,
     /// ETag of each inode at its last open, for `keep_cache`.
     opened_etags: Mutex<HashMap<u64, Option<String>>>,
+    /// Mode, owner and mtime of S3 directories, kept on their markers.
+    dir_meta: DirMeta,
     next_fh: AtomicU64,
 }
 
@@ -127,7 +136,7 @@ impl DatanetFs {
         let mut spaces = Vec::new();
         for space_config in config.spaces.values() {
             let space = crate::store::open_space(space_config).map_err(|err| FsError::io(err.to_string()))?;
-            spaces.push(SpaceHandle::new(space)?);
+            spaces.push(Arc::new(SpaceHandle::new(space)?));
         }
         if spaces.len() > crate::inode::MAX_SPACES {
             return Err(FsError::new(libc::EINVAL, format!("at most {} spaces can be mounted", crate::inode::MAX_SPACES)));
@@ -160,6 +169,7 @@ impl DatanetFs {
             dirs: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
             opened_etags: Mutex::new(HashMap::new()),
+            dir_meta: DirMeta::new(cache.metadata_ttl),
             next_fh: AtomicU64::new(1),
         })
     }
@@ -222,13 +232,21 @@ impl DatanetFs {
                 Err(_) => Entry::Missing,
             })
         });
-        if let Some(entry) = cached {
+        if let Some(mut entry) = cached {
+            if let Entry::File(stat) = &mut entry {
+                if stat.meta.is_none() {
+                    stat.meta = self.meta.known_meta(space, key, stat);
+                }
+            }
             let meta_unknown = matches!(&entry, Entry::File(stat) if stat.meta.is_none());
             if !(need_meta && meta_unknown) {
                 return Ok(entry);
             }
             let handle = &self.spaces[space];
             let fresh = namespace::head_file(handle, key).await?;
+            if let Entry::File(stat) = &fresh {
+                self.meta.remember_meta(space, key, stat);
+            }
             if fresh != Entry::Missing {
                 self.meta.insert_entry(space, key, fresh.clone());
                 return Ok(fresh);
@@ -237,6 +255,9 @@ impl DatanetFs {
 
         let handle = &self.spaces[space];
         let entry = namespace::resolve(handle, key).await?;
+        if let Entry::File(stat) = &entry {
+            self.meta.remember_meta(space, key, stat);
+        }
         self.meta.insert_entry(space, key, entry.clone());
         Ok(entry)
     }
@@ -309,7 +330,26 @@ impl DatanetFs {
             .kind()
             .ok_or_else(|| FsError::not_found(self.spaces[space].describe(&key)))?;
         let ino = self.inodes.lookup(space, &key, kind);
-        Ok(self.attr_of(ino, space, &entry))
+        let attr = self.attr_of(ino, space, &entry);
+        Ok(self.with_dir_meta(attr, space, &key).await)
+    }
+
+    /// Replaces the defaults of a directory's attributes with those stored on its marker.
+    async fn with_dir_meta(&self, mut attr: Attr, space: usize, key: &str) -> Attr {
+        if attr.kind != Kind::Dir {
+            return attr;
+        }
+        let handle = &self.spaces[space];
+        let meta = self.dir_meta.get(handle, space, key).await;
+        if meta.is_empty() {
+            return attr;
+        }
+        let resolved = meta.resolve(&handle.space.config, crate::posix_meta::S_IFDIR, attr.mtime);
+        attr.perm = (resolved.mode & 0o7777) as u16;
+        attr.uid = resolved.uid;
+        attr.gid = resolved.gid;
+        attr.mtime = resolved.mtime;
+        attr
     }
 
     pub fn forget(&self, ino: u64, count: u64) {
@@ -325,7 +365,8 @@ impl DatanetFs {
                     Entry::Missing => self.open_entry(ino, kind).await?,
                     found => found,
                 };
-                Ok(self.attr_of(ino, space, &entry))
+                let attr = self.attr_of(ino, space, &entry);
+                Ok(self.with_dir_meta(attr, space, &key).await)
             }
         }
     }
@@ -354,8 +395,21 @@ impl DatanetFs {
         if let Some(listing) = self.meta.listing(space, dir) {
             return Ok(listing);
         }
-        let listing = Arc::new(namespace::list_dir(&self.spaces[space], dir).await?);
+        let mut entries = namespace::list_dir(&self.spaces[space], dir).await?;
+        let mut unknown = Vec::new();
+        for entry in entries.iter_mut() {
+            let Some(stat) = entry.stat.as_mut() else { continue };
+            let key = child_key(dir, &entry.name);
+            match self.meta.known_meta(space, &key, stat) {
+                Some(meta) => stat.meta = Some(meta),
+                None => unknown.push(key),
+            }
+        }
+        let listing = Arc::new(entries);
         self.meta.insert_listing(space, dir, Arc::clone(&listing));
+        if !unknown.is_empty() && unknown.len() <= META_HEAD_MAX_FILES {
+            tokio::spawn(read_listed_meta(Arc::clone(&self.spaces[space]), self.meta.clone(), space, unknown));
+        }
         Ok(listing)
     }
 
@@ -651,7 +705,7 @@ impl DatanetFs {
         result
     }
 
-    pub async fn mkdir(&self, parent: u64, name: &OsStr, _mode: u32) -> FsResult<Attr> {
+    pub async fn mkdir(&self, parent: u64, name: &OsStr, mode: u32) -> FsResult<Attr> {
         let (space, dir) = self.dir_target(parent)?;
         let name = validate_name(name)?;
         let key = child_key(&dir, name);
@@ -661,11 +715,23 @@ impl DatanetFs {
             return Err(FsError::new(libc::EEXIST, self.spaces[space].describe(&key)));
         }
 
-        namespace::make_dir(&self.spaces[space], &key).await?;
+        let handle = &self.spaces[space];
+        if handle.markers.is_some() {
+            // The marker carries the mode and creation time, as s3fs writes them.
+            let meta = PosixMeta {
+                mode: Some(crate::posix_meta::S_IFDIR | (mode & 0o7777)),
+                mtime: Some(SystemTime::now()),
+                ..PosixMeta::default()
+            };
+            self.dir_meta.set(handle, space, &key, &meta).await?;
+        } else {
+            namespace::make_dir(handle, &key).await?;
+        }
         self.meta.insert_entry(space, &key, Entry::Dir);
         self.meta.remove_listing(space, &dir);
         let ino = self.inodes.lookup(space, &key, Kind::Dir);
-        Ok(self.attr_of(ino, space, &Entry::Dir))
+        let attr = self.attr_of(ino, space, &Entry::Dir);
+        Ok(self.with_dir_meta(attr, space, &key).await)
     }
 
     pub async fn symlink(&self, parent: u64, name: &OsStr, target: &std::path::Path, caller: Caller) -> FsResult<Attr> {
@@ -752,6 +818,7 @@ impl DatanetFs {
         }
 
         namespace::remove_dir(handle, &key).await?;
+        self.dir_meta.invalidate(space, &key);
         self.inodes.unlink(space, &key);
         self.meta.remove_tree(space, &key);
         self.meta.insert_entry(space, &key, Entry::Missing);
@@ -876,8 +943,14 @@ impl DatanetFs {
                 // A listing shows a subdirectory's `sub/` marker as `sub`, which no HEAD
                 // finds: move the marker instead.
                 Err(crate::upload::UploadError::Store(object_store::Error::NotFound { .. })) if object.size == 0 => {
-                    namespace::make_dir(handle, &new_key).await?;
+                    let meta = self.dir_meta.get(handle, space, &old_key).await;
+                    if meta.is_empty() {
+                        namespace::make_dir(handle, &new_key).await?;
+                    } else {
+                        self.dir_meta.set(handle, space, &new_key, &meta).await?;
+                    }
                     namespace::remove_dir(handle, &old_key).await?;
+                    self.dir_meta.invalidate(space, &old_key);
                 }
                 Err(err) => {
                     let message = format!("rename {} to {new_key}: {err}", handle.describe(&old_key));
@@ -885,12 +958,16 @@ impl DatanetFs {
                 }
             }
         }
-        if had_marker || namespace::is_dir_empty(handle, to).await? {
+        let meta = self.dir_meta.get(handle, space, from).await;
+        if !meta.is_empty() {
+            self.dir_meta.set(handle, space, to, &meta).await?;
+        } else if had_marker || namespace::is_dir_empty(handle, to).await? {
             namespace::make_dir(handle, to).await?;
         }
         if had_marker {
             namespace::remove_dir(handle, from).await?;
         }
+        self.dir_meta.invalidate(space, from);
         Ok(())
     }
 
@@ -907,7 +984,7 @@ impl DatanetFs {
             if change.size.is_some() {
                 return Err(FsError::new(libc::EISDIR, handle.describe(&key)));
             }
-            self.set_dir_attr(space, &key, &change)?;
+            self.set_dir_attr(space, &key, &change).await?;
             return self.getattr(ino).await;
         }
 
@@ -956,14 +1033,14 @@ impl DatanetFs {
         self.getattr(ino).await
     }
 
-    /// Applies chmod and utimes to a directory of a local space. S3 directories have no
-    /// object to carry metadata.
-    fn set_dir_attr(&self, space: usize, key: &str, change: &SetAttr) -> FsResult<()> {
+    /// Applies chmod, chown and utimes to a directory: on the real directory of a local
+    /// space, on the marker of an S3 directory.
+    async fn set_dir_attr(&self, space: usize, key: &str, change: &SetAttr) -> FsResult<()> {
         let handle = &self.spaces[space];
         let Some(path) = handle.local_path(key) else {
-            // NOTE: directory mode and mtime are not persisted in S3 spaces yet; the
-            // change is accepted so that cp -p, rsync and tar do not fail.
-            return Ok(());
+            let mut meta = self.dir_meta.get(handle, space, key).await;
+            apply_change(&mut meta, change);
+            return self.dir_meta.set(handle, space, key, &meta).await;
         };
         if let Some(mode) = change.mode {
             use std::os::unix::fs::PermissionsExt;
@@ -1016,6 +1093,29 @@ impl DatanetFs {
         }
         first_error
     }
+}
+
+/// Reads the POSIX metadata of listed files in the background (HEAD requests, a few at
+/// a time), so that the `stat` calls that follow a readdir find it in the cache.
+async fn read_listed_meta(handle: Arc<SpaceHandle>, cache: MetaCache, space: usize, keys: Vec<String>) {
+    use futures::StreamExt;
+
+    let started = std::time::Instant::now();
+    let count = keys.len();
+    futures::stream::iter(keys)
+        .for_each_concurrent(META_HEAD_CONCURRENCY, |key| {
+            let handle = Arc::clone(&handle);
+            let cache = cache.clone();
+            async move {
+                match namespace::head_file(&handle, &key).await {
+                    Ok(Entry::File(stat)) => cache.remember_meta(space, &key, &stat),
+                    Ok(_) => {}
+                    Err(err) => tracing::debug!(key = %key, error = %err, "metadata read-ahead failed"),
+                }
+            }
+        })
+        .await;
+    tracing::debug!(space = handle.name(), files = count, elapsed_ms = started.elapsed().as_millis() as u64, "read metadata of a listing");
 }
 
 fn apply_change(meta: &mut PosixMeta, change: &SetAttr) {

@@ -8,6 +8,7 @@
 pub mod check;
 pub mod config;
 pub mod datacache;
+pub mod dirmeta;
 pub mod error;
 pub mod filesystem;
 pub mod fuse;

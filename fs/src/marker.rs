@@ -6,6 +6,7 @@
 //! as the space's `object_store` client. Reading markers needs nothing special: a listing
 //! returns `dir/` as an object whose location equals the directory's own path.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::{digest, hmac};
@@ -17,6 +18,9 @@ use crate::error::{FsError, FsResult};
 const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
 const MAX_ATTEMPTS: u32 = 6;
+
+/// Header prefix of S3 user metadata.
+const USER_META_PREFIX: &str = "x-amz-meta-";
 
 /// Sends marker requests for one S3 space.
 #[derive(Debug)]
@@ -84,12 +88,35 @@ impl MarkerClient {
 
     /// Writes the zero-byte marker `dir_key/`.
     pub async fn put_marker(&self, dir_key: &str) -> FsResult<()> {
-        self.send(reqwest::Method::PUT, dir_key).await
+        self.send(reqwest::Method::PUT, dir_key, &BTreeMap::new()).await.map(|_| ())
+    }
+
+    /// Writes the marker `dir_key/` carrying user metadata (`x-amz-meta-KEY: VALUE` for
+    /// each entry), replacing an existing marker. This is where a directory's mode,
+    /// owner and mtime live, as s3fs keeps them.
+    pub async fn put_marker_with_meta(&self, dir_key: &str, meta: &BTreeMap<String, String>) -> FsResult<()> {
+        self.send(reqwest::Method::PUT, dir_key, meta).await.map(|_| ())
+    }
+
+    /// Returns the user metadata of the marker `dir_key/`, or `None` when there is no
+    /// marker.
+    pub async fn head_marker(&self, dir_key: &str) -> FsResult<Option<BTreeMap<String, String>>> {
+        let Some(headers) = self.send(reqwest::Method::HEAD, dir_key, &BTreeMap::new()).await? else {
+            return Ok(None);
+        };
+        let meta = headers
+            .iter()
+            .filter_map(|(name, value)| {
+                let key = name.as_str().strip_prefix(USER_META_PREFIX)?;
+                Some((key.to_string(), value.to_str().ok()?.to_string()))
+            })
+            .collect();
+        Ok(Some(meta))
     }
 
     /// Deletes the marker `dir_key/`; a missing marker is not an error.
     pub async fn delete_marker(&self, dir_key: &str) -> FsResult<()> {
-        self.send(reqwest::Method::DELETE, dir_key).await
+        self.send(reqwest::Method::DELETE, dir_key, &BTreeMap::new()).await.map(|_| ())
     }
 
     fn object_key(&self, dir_key: &str) -> String {
@@ -100,7 +127,14 @@ impl MarkerClient {
         }
     }
 
-    async fn send(&self, method: reqwest::Method, dir_key: &str) -> FsResult<()> {
+    /// Sends one request and returns the response headers, or `None` for a 404 answer
+    /// to DELETE or HEAD.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        dir_key: &str,
+        meta: &BTreeMap<String, String>,
+    ) -> FsResult<Option<reqwest::header::HeaderMap>> {
         let key = self.object_key(dir_key);
         let path = if self.path_style {
             format!("/{}/{}", uri_encode(&self.bucket), uri_encode(&key))
@@ -114,7 +148,9 @@ impl MarkerClient {
             attempt += 1;
             let signing_key = self.signing_key()?;
             let now = SystemTime::now();
-            let headers = sign(&method, &self.host, &path, &self.region, &signing_key, now);
+            let meta_headers: Vec<(String, String)> =
+                meta.iter().map(|(key, value)| (format!("{USER_META_PREFIX}{key}"), value.clone())).collect();
+            let headers = sign(&method, &self.host, &path, &self.region, &signing_key, now, &meta_headers);
             let mut request = self
                 .http
                 .request(method.clone(), format!("{}{path}", self.origin))
@@ -127,8 +163,12 @@ impl MarkerClient {
             let retry_reason = match request.send().await {
                 Ok(response) => {
                     let status = response.status();
-                    if status.is_success() || (method == reqwest::Method::DELETE && status.as_u16() == 404) {
-                        return Ok(());
+                    if status.is_success() {
+                        return Ok(Some(response.headers().clone()));
+                    }
+                    let missing_is_fine = method == reqwest::Method::DELETE || method == reqwest::Method::HEAD;
+                    if missing_is_fine && status.as_u16() == 404 {
+                        return Ok(None);
                     }
                     let body = response.text().await.unwrap_or_default();
                     if status.as_u16() == 403 || status.as_u16() == 401 {
@@ -249,19 +289,23 @@ fn sign(
     region: &str,
     key: &SigningKey,
     now: SystemTime,
-) -> Vec<(&'static str, String)> {
+    extra: &[(String, String)],
+) -> Vec<(String, String)> {
     let timestamp = amz_date(now);
     let date = &timestamp[..8];
 
     let mut headers = vec![
-        ("host", host.to_string()),
-        ("x-amz-content-sha256", EMPTY_SHA256.to_string()),
-        ("x-amz-date", timestamp.clone()),
+        ("host".to_string(), host.to_string()),
+        ("x-amz-content-sha256".to_string(), EMPTY_SHA256.to_string()),
+        ("x-amz-date".to_string(), timestamp.clone()),
     ];
     if let Some(token) = &key.session_token {
-        headers.push(("x-amz-security-token", token.clone()));
+        headers.push(("x-amz-security-token".to_string(), token.clone()));
     }
-    let signed_headers: Vec<&str> = headers.iter().map(|(name, _)| *name).collect();
+    headers.extend(extra.iter().map(|(name, value)| (name.to_ascii_lowercase(), value.clone())));
+    // SigV4 canonical headers are sorted by name.
+    headers.sort();
+    let signed_headers: Vec<&str> = headers.iter().map(|(name, _)| name.as_str()).collect();
     let signed_headers = signed_headers.join(";");
     let canonical_headers: String = headers.iter().map(|(name, value)| format!("{name}:{}\n", value.trim())).collect();
     let canonical_request = format!("{method}\n{path}\n\n{canonical_headers}\n{signed_headers}\n{EMPTY_SHA256}");
@@ -280,8 +324,8 @@ fn sign(
         "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
         key.access_key_id
     );
-    headers.retain(|(name, _)| *name != "host");
-    headers.push(("authorization", authorization));
+    headers.retain(|(name, _)| name != "host");
+    headers.push(("authorization".to_string(), authorization));
     headers
 }
 

@@ -19,6 +19,9 @@ const MAX_ENTRIES: u64 = 1_000_000;
 /// Upper bound of directory entries held by cached listings.
 const MAX_LISTED_ENTRIES: u64 = 2_000_000;
 
+/// How long decoded POSIX metadata is remembered for an unchanged object version.
+const POSIX_META_TTL: Duration = Duration::from_secs(3600);
+
 /// Attributes of a file object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileStat {
@@ -74,18 +77,32 @@ pub type Listing = Arc<Vec<DirEntry>>;
 
 type CacheKey = (usize, String);
 
+/// POSIX metadata of one object version, identified by ETag and last-modified time.
+#[derive(Debug, Clone)]
+struct KnownMeta {
+    etag: Option<String>,
+    last_modified: SystemTime,
+    meta: Arc<PosixMeta>,
+}
+
 #[derive(Clone)]
 pub struct MetaCache {
     entries: Option<Cache<CacheKey, Entry>>,
     listings: Option<Cache<CacheKey, Listing>>,
+    /// Metadata decoded by HEAD requests, kept longer than the TTL: it is only used for
+    /// an object whose listing shows the same ETag and last-modified time, because
+    /// any rewrite of the object (content or metadata) changes the last-modified time.
+    posix: Cache<CacheKey, KnownMeta>,
 }
 
 impl MetaCache {
     pub fn new(ttl: Duration) -> Self {
+        let posix = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(POSIX_META_TTL).build();
         if ttl.is_zero() {
             return MetaCache {
                 entries: None,
                 listings: None,
+                posix,
             };
         }
         let entries = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(ttl).build();
@@ -97,7 +114,28 @@ impl MetaCache {
         MetaCache {
             entries: Some(entries),
             listings: Some(listings),
+            posix,
         }
+    }
+
+    /// Remembers the decoded metadata of a HEAD result (`stat.mtime` is the object's
+    /// last-modified time there).
+    pub fn remember_meta(&self, space: usize, key: &str, stat: &FileStat) {
+        if let Some(meta) = &stat.meta {
+            let known = KnownMeta {
+                etag: stat.etag.clone(),
+                last_modified: stat.mtime,
+                meta: Arc::clone(meta),
+            };
+            self.posix.insert((space, key.to_string()), known);
+        }
+    }
+
+    /// The metadata of the object version that a listing entry shows, if a HEAD of that
+    /// same version decoded it before.
+    pub fn known_meta(&self, space: usize, key: &str, stat: &FileStat) -> Option<Arc<PosixMeta>> {
+        let known = self.posix.get(&(space, key.to_string()))?;
+        (known.etag == stat.etag && known.last_modified == stat.mtime).then_some(known.meta)
     }
 
     pub fn entry(&self, space: usize, key: &str) -> Option<Entry> {
@@ -186,6 +224,18 @@ mod tests {
         assert_eq!(cache.entry(0, "a"), Some(Entry::Missing));
         std::thread::sleep(Duration::from_millis(120));
         assert_eq!(cache.entry(0, "a"), None);
+    }
+
+    #[test]
+    fn known_meta_needs_same_version() {
+        let cache = MetaCache::new(Duration::from_secs(60));
+        let mut headed = stat(3);
+        headed.meta = Some(Arc::new(PosixMeta { mode: Some(0o100600), ..PosixMeta::default() }));
+        cache.remember_meta(0, "f", &headed);
+        assert_eq!(cache.known_meta(0, "f", &stat(3)).unwrap().mode, Some(0o100600));
+        let mut rewritten = stat(3);
+        rewritten.mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+        assert!(cache.known_meta(0, "f", &rewritten).is_none());
     }
 
     #[test]
