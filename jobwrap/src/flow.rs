@@ -33,6 +33,8 @@ use crate::wrapper::{self, SCRIPT_FILE, WRAPPER_FILE};
 
 /// How often the record is saved while many small files are transferred.
 const PROGRESS_SAVE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often tracking looks for the wrapper's exit-status file between Slurm polls.
+const EXIT_STATUS_CHECK: Duration = Duration::from_millis(100);
 
 /// Shared state of one jobwrap invocation.
 pub struct Jobwrap {
@@ -369,7 +371,7 @@ impl Jobwrap {
                 Ok(None) => break track::verdict_without_scontrol(record, &slurm),
                 Err(err) => tracing::warn!(job = %record.id, error = %err, "cannot query the job; retrying"),
             }
-            tokio::time::sleep(self.config.jobwrap.poll_interval).await;
+            wait_for_poll(&record.workdir, self.config.jobwrap.poll_interval).await;
         };
 
         track::wait_for_completion(&slurm, &job_id, &record.workdir);
@@ -418,7 +420,8 @@ impl Jobwrap {
             })
             .collect();
         let bytes: u64 = pending.iter().filter_map(|o| std::fs::metadata(&o.path).ok()).map(|m| m.len()).sum();
-        let progress = Progress::new("stage-out", pending.len() as u64, bytes);
+        let total_files = pending.len();
+        let progress = Progress::new("stage-out", total_files as u64, bytes);
         let concurrency = self.config.jobwrap.transfer_concurrency;
         let mut stream = futures::stream::iter(pending)
             .map(|output| {
@@ -454,7 +457,9 @@ impl Jobwrap {
                 last_save = Instant::now();
             }
         }
-        progress.finish();
+        if total_files > 0 {
+            progress.finish();
+        }
 
         if !failures.is_empty() {
             self.ledger.save(record)?;
@@ -526,6 +531,20 @@ impl Jobwrap {
             }
             Err(JobError::Locked { .. }) => Ok(None),
             Err(err) => Err(err),
+        }
+    }
+}
+
+/// Sleeps for one poll interval, but returns early once the wrapper has written the
+/// exit status, so the end of a short job is noticed without waiting a whole interval.
+async fn wait_for_poll(workdir: &std::path::Path, poll_interval: Duration) {
+    let exit_status = workdir.join(workdir::CONTROL_DIR).join(wrapper::EXIT_STATUS_FILE);
+    let already_ended = exit_status.exists();
+    let started = Instant::now();
+    while started.elapsed() < poll_interval {
+        tokio::time::sleep(EXIT_STATUS_CHECK.min(poll_interval)).await;
+        if !already_ended && exit_status.exists() {
+            return;
         }
     }
 }
