@@ -1,0 +1,54 @@
+"""Metadata section: `find` with a `stat` of every entry over the small-file tree, cold and warm.
+
+`-printf '%s %m %u'` makes find call `lstat` on every entry (size, mode, owner), as
+`ls -lR`, `du` or a backup tool would. Cold is a fresh mount; warm is the second run
+right after it, inside every tool's metadata cache lifetime (datanet's default
+`metadata_ttl` is 5 s, rclone's `--dir-cache-time` 5 min). A recursive LIST of the
+prefix with `rclone lsl` shows what the store itself takes to list the tree.
+"""
+
+import time
+
+from harness import BenchError, run
+
+FIND_TOOLS = ("datanet", "rclone-full", "s3fs")
+
+
+def timed_find(root, expected_files):
+    start = time.monotonic()
+    proc = run(["find", str(root), "-printf", "%y %s %m %u\n"], timeout=900)
+    seconds = time.monotonic() - start
+    files = sum(1 for line in proc.stdout.splitlines() if line.startswith("f "))
+    if files != expected_files:
+        raise BenchError(f"find listed {files} files under {root}, expected {expected_files}")
+    return seconds
+
+
+def section_find(ctx, rec):
+    sizes = ctx.sizes
+    expected = sizes.tree_files
+    rec.note(f"Tree: {sizes.tree_dirs} directories of {sizes.tree_files_per_dir} files "
+             f"({expected} files of {sizes.small_file_bytes} bytes).")
+    rec.command("all mounts", "find MNT/TREE -printf '%y %s %m %u\\n'")
+
+    def listing():
+        for _ in range(sizes.runs):
+            start = time.monotonic()
+            proc = ctx.store.rclone("lsl", ctx.store.remote(ctx.tree_prefix))
+            seconds = time.monotonic() - start
+            if len(proc.stdout.splitlines()) != expected:
+                raise BenchError(f"rclone lsl listed {len(proc.stdout.splitlines())} objects, expected {expected}")
+            rec.add("find.cold.list", seconds, "s")
+
+    rec.command("store LIST", "rclone lsl bench:BUCKET/TREE")
+    rec.attempt("find.cold.list", listing)
+
+    for tool in FIND_TOOLS:
+        def measure(tool=tool):
+            for _ in range(sizes.runs):
+                with ctx.mount(tool, "find") as mount:
+                    root = mount.root() / ctx.tree_prefix
+                    rec.add(f"find.cold.{tool}", timed_find(root, expected), "s")
+                    rec.add(f"find.warm.{tool}", timed_find(root, expected), "s")
+
+        rec.attempt([f"find.cold.{tool}", f"find.warm.{tool}"], measure)

@@ -1,0 +1,68 @@
+"""The machine and software a run measured on: CPU, memory, kernel, disk, tool versions, commit."""
+
+import os
+import platform
+import subprocess
+
+
+def first_line(cmd, env=None):
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30, env=env)
+    except (FileNotFoundError, subprocess.TimeoutExpired):
+        return "not installed"
+    lines = [line.strip() for line in proc.stdout.splitlines() if line.strip()]
+    return lines[0] if lines else "unknown"
+
+
+def cpu_model():
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def memory_gib():
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 1024 / 1024
+    return 0.0
+
+
+def os_release():
+    try:
+        with open("/etc/os-release") as release:
+            for line in release:
+                if line.startswith("PRETTY_NAME="):
+                    return line.split("=", 1)[1].strip().strip('"')
+    except FileNotFoundError:
+        pass
+    return "unknown"
+
+
+def describe(repo, run_dir, garage_binary):
+    commit = first_line(["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                           stdout=subprocess.PIPE, text=True).stdout.strip()
+    disk = first_line(["sh", "-c", f"df -hT {run_dir} | tail -n 1"])
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory_gib(), 1),
+        "kernel": platform.release(),
+        "os": os_release(),
+        "disk": " ".join(disk.split()[:3]) if disk else "unknown",
+        "commit": commit + (" (with uncommitted changes in the work tree)" if dirty else ""),
+        "versions": {
+            "garage": first_line([garage_binary, "--version"]),
+            "rclone": first_line(["rclone", "version"]),
+            "s3fs": first_line(["s3fs", "--version"]),
+            "curl": first_line(["curl", "--version"]),
+            "fuse3": first_line(["fusermount3", "--version"]),
+            "slurm": first_line(["sbatch", "--version"]),
+            "samba": first_line(["smbd", "--version"]),
+            "rustc": first_line(["rustc", "--version"]),
+            "python": platform.python_version(),
+        },
+    }
