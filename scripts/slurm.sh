@@ -133,6 +133,9 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MailProg=/bin/true
 
+# Bind to the configured addresses (127.0.0.1) instead of the wildcard address.
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
+
 ReturnToService=2
 SlurmdParameters=config_overrides
 SlurmctldTimeout=30

@@ -109,6 +109,16 @@ fn processes_mentioning(dir: &Path) -> Vec<u32> {
     pids
 }
 
+/// Local addresses of the TCP listeners on `port`, as `ss` prints them.
+fn listen_addresses(port: u16) -> Vec<String> {
+    let output = run(Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]));
+    assert_success(&output, "ss -Hltn");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(3).map(str::to_string))
+        .collect()
+}
+
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
@@ -138,6 +148,14 @@ fn stack_comes_up_and_goes_down_twice() {
 
     let status = stack.script("stack.sh", &["status"]);
     assert_success(&status, "stack.sh status after up");
+
+    for (var, port) in &stack.ports {
+        let addresses = listen_addresses(*port);
+        assert!(!addresses.is_empty(), "nothing listens on {var}={port}");
+        for address in addresses {
+            assert_eq!(address, format!("127.0.0.1:{port}"), "{var} must listen on loopback only");
+        }
+    }
 
     // The written configuration is valid and points at this stack's ports.
     let config = Config::load(&stack.run_dir.join("datanet.toml")).unwrap();
