@@ -4,7 +4,7 @@
 #
 #   garage.sh start         start the node, apply the layout, create the stack's key and buckets
 #   garage.sh stop          stop the node this run directory started
-#   garage.sh status        exit 0 if the node answers
+#   garage.sh status        exit 0 if the node responds
 #   garage.sh bucket NAME   create bucket NAME (idempotent) and grant it to the stack's key
 #
 # The secret key is written to $RUN/garage/secret_access_key (0600) and never printed.
@@ -60,7 +60,7 @@ running_pid() {
     service_pid garage "$DATANET_GARAGE" "$GARAGE_CONFIG"
 }
 
-# Waits until the node answers RPC from the CLI, not only its S3 port.
+# Waits until the node responds to RPC from the CLI, not only on its S3 port.
 wait_ready() {
     local i
     for ((i = 0; i < 150; i++)); do
@@ -70,7 +70,7 @@ wait_ready() {
         sleep 0.2
     done
     show_log_tail garage
-    die "Garage listens but does not answer \`garage status\` within 30s; see $RUN/logs/garage.log"
+    die "Garage listens but does not respond to \`garage status\` within 30s; see $RUN/logs/garage.log"
 }
 
 # Assigns this node a role once; later starts find layout version 1 or higher.

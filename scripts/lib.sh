@@ -6,7 +6,7 @@
 # only while that PID's command line still names the expected binary and a path inside
 # this run directory. Processes of other stacks or other users are never touched.
 
-# The directory that holds every configuration, state, log and PID file of one stack.
+# The directory that contains every configuration, state, log and PID file of one stack.
 DATANET_RUN_DIR=${DATANET_RUN_DIR:-/var/tmp/datanet-run}
 DATANET_RUN_DIR=${DATANET_RUN_DIR%/}
 RUN=$DATANET_RUN_DIR
@@ -137,8 +137,8 @@ show_log_tail() {
 }
 
 # ---------------------------------------------------------------------------
-# PID files. $RUN/pids/NAME.pid holds the PID of a process started with setsid, so it
-# also leads its own process group.
+# PID files. $RUN/pids/NAME.pid contains the PID of a process started with setsid, so
+# that process also leads its own process group.
 
 # Prints the PID of service NAME if its process is alive, not a zombie, runs BINARY
 # and has MARKER (a path inside the run directory) in its command line.
@@ -154,8 +154,8 @@ service_pid() {
     printf '%s\n' "$pid"
 }
 
-# True while the process recorded for NAME exists and is not a zombie, whatever it
-# runs; used during start-up, before the exec of the daemon itself.
+# True while the process recorded for NAME exists and is not a zombie, whatever it runs.
+# Start-up checks use it because the daemon's own exec may not have happened yet.
 recorded_pid_alive() {
     local pidfile="$RUN/pids/$1.pid" pid state
     [[ -s $pidfile ]] || return 1
@@ -217,7 +217,7 @@ stop_daemon() {
 lock_run_dir() {
     mkdir -p "$RUN"
     exec {DATANET_LOCK_FD}>"$RUN/.lock"
-    flock -w 600 "$DATANET_LOCK_FD" || die "another script holds $RUN/.lock for more than 10 minutes"
+    flock -w 600 "$DATANET_LOCK_FD" || die "timed out after 10 minutes waiting for $RUN/.lock, which another stack.sh run has locked"
 }
 
 # Writes stdin to FILE with mode 0600, atomically.

@@ -52,7 +52,7 @@ start_munge() {
         sleep 0.2
     done
     show_log_tail munged
-    die "munged did not answer on $MUNGE_SOCKET; see $RUN/logs/munged.log"
+    die "munged did not respond on $MUNGE_SOCKET within 20s; see $RUN/logs/munged.log"
 }
 
 stop_munge() {
