@@ -131,6 +131,12 @@ impl MetaCache {
         }
     }
 
+    /// Drops remembered metadata of `key` after this mount changed the object: a
+    /// rewrite within the same second keeps both the ETag and the last-modified time.
+    pub fn forget_meta(&self, space: usize, key: &str) {
+        self.posix.invalidate(&(space, key.to_string()));
+    }
+
     /// The metadata of the object version that a listing entry shows, if a HEAD of that
     /// same version decoded it before.
     pub fn known_meta(&self, space: usize, key: &str, stat: &FileStat) -> Option<Arc<PosixMeta>> {
@@ -187,6 +193,11 @@ impl MetaCache {
     pub fn remove_tree(&self, space: usize, key: &str) {
         let below = format!("{key}/");
         let matches = move |k: &CacheKey| k.0 == space && (k.1 == key || k.1.starts_with(&below));
+        for (k, _) in self.posix.iter() {
+            if matches(&k) {
+                self.posix.invalidate(&*k);
+            }
+        }
         if let Some(cache) = &self.entries {
             for (k, _) in cache.iter() {
                 if matches(&k) {
