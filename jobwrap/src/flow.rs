@@ -402,6 +402,11 @@ impl Jobwrap {
     }
 
     async fn stage_out(&self, record: &mut JobRecord) -> Result<(), JobError> {
+        if record.workdir_removed {
+            // An earlier run finished stage-out and was killed while removing the
+            // working directory: only the removal is left.
+            return self.finish_stage_out(record);
+        }
         let spaces = self.spaces(&record.spec)?;
         let from_failed_job = record.state != JobState::Completed;
         let (planned, missing) = stage_out::plan(&record.spec, &record.workdir, &Self::log_files(record));
@@ -473,10 +478,18 @@ impl Jobwrap {
 
         if record.spec.keep_workdir {
             notify(record, format!("working directory kept at {}", record.workdir.display()));
-        } else {
-            workdir::remove(&record.workdir)?;
-            record.workdir_removed = true;
+            record.phase = Phase::Finished;
+            self.ledger.save(record)?;
+            return Ok(());
         }
+        record.workdir_removed = true;
+        self.ledger.save(record)?;
+        self.finish_stage_out(record)
+    }
+
+    /// Removes the working directory (stage-out is verified) and finishes the job.
+    fn finish_stage_out(&self, record: &mut JobRecord) -> Result<(), JobError> {
+        workdir::remove(&record.workdir)?;
         record.phase = Phase::Finished;
         self.ledger.save(record)?;
         Ok(())

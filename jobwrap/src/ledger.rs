@@ -83,7 +83,7 @@ pub struct JobRecord {
     pub outputs: Vec<OutputFile>,
     /// Declared outputs that matched no file.
     pub missing_outputs: Vec<String>,
-    /// Set once the working directory was removed after a verified stage-out.
+    /// Set once stage-out was verified and removal of the working directory began.
     pub workdir_removed: bool,
     /// The last error that stopped jobwrap's flow for this job.
     pub error: Option<String>,

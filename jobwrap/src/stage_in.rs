@@ -240,7 +240,18 @@ async fn download_once(
         .map_err(|err| format!("cannot read {}: {err}", file.source))?;
     let mut stream = result.into_stream();
 
-    let mut output = tokio::fs::File::create(&partial)
+    // A leftover (or planted) partial file is removed, and the new one is created with
+    // O_EXCL, which never follows a symlink, so jobwrap running as root cannot be made
+    // to write outside the working directory.
+    match std::fs::remove_file(&partial) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(format!("cannot remove {}: {err}", partial.display())),
+    }
+    let mut output = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&partial)
         .await
         .map_err(|err| format!("cannot create {}: {err}", partial.display()))?;
     let mut md5 = Md5::new();

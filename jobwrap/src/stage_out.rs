@@ -7,6 +7,7 @@
 //! for single-part uploads to S3, the returned ETag equals the MD5 of the bytes sent.
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use datanet::Space;
@@ -143,9 +144,22 @@ pub async fn upload_with_retries(space: &Space, output: &PlannedOutput) -> Resul
     }
 }
 
+/// Opens a file for reading without following a final symlink, so a job cannot make
+/// jobwrap (possibly running as root) upload a file outside the working directory.
+async fn open_no_follow(path: &Path) -> Result<tokio::fs::File, String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|err| format!("cannot read {}: {err}", path.display()))?;
+    Ok(tokio::fs::File::from_std(file))
+}
+
 async fn upload_once(space: &Space, output: &PlannedOutput) -> Result<(u64, String, String), String> {
     let path = output.destination.object_path();
-    let size = tokio::fs::metadata(&output.path)
+    let mut file = open_no_follow(&output.path).await?;
+    let size = file
+        .metadata()
         .await
         .map_err(|err| format!("cannot read {}: {err}", output.path.display()))?
         .len();
@@ -153,7 +167,8 @@ async fn upload_once(space: &Space, output: &PlannedOutput) -> Result<(u64, Stri
     let mut sha256 = Sha256::new();
     let mut verified = String::from("size");
     if size <= SINGLE_PUT_MAX_BYTES {
-        let bytes = tokio::fs::read(&output.path)
+        let mut bytes = Vec::with_capacity(size as usize);
+        file.read_to_end(&mut bytes)
             .await
             .map_err(|err| format!("cannot read {}: {err}", output.path.display()))?;
         sha256.update(&bytes);
@@ -174,7 +189,7 @@ async fn upload_once(space: &Space, output: &PlannedOutput) -> Result<(u64, Stri
             verified = "size+md5".into();
         }
     } else {
-        upload_multipart(space, output, &path, &mut sha256).await?;
+        upload_multipart(space, output, file, &path, &mut sha256).await?;
     }
 
     let meta = space
@@ -194,6 +209,7 @@ async fn upload_once(space: &Space, output: &PlannedOutput) -> Result<(u64, Stri
 async fn upload_multipart(
     space: &Space,
     output: &PlannedOutput,
+    mut file: tokio::fs::File,
     path: &object_store::path::Path,
     sha256: &mut Sha256,
 ) -> Result<(), String> {
@@ -203,9 +219,6 @@ async fn upload_multipart(
         .await
         .map_err(|err| format!("cannot start upload to {}: {err}", output.destination))?;
     let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE_BYTES);
-    let mut file = tokio::fs::File::open(&output.path)
-        .await
-        .map_err(|err| format!("cannot open {}: {err}", output.path.display()))?;
     let mut buffer = vec![0u8; 1 << 20];
 
     loop {
