@@ -337,7 +337,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn open(mut command: Command) -> Session {
+    pub fn open(command: Command) -> Session {
         // smbclient buffers its output when it is not a terminal; stdbuf makes it
         // line-buffered so each command's answer arrives at once.
         let mut wrapped = Command::new("stdbuf");
