@@ -66,10 +66,21 @@ impl FsError {
             _ => (libc::EIO, "store request failed"),
         };
 
+        // Listings report HTTP errors as `Generic`, so denial is recognized by the status
+        // line and the S3 error codes in the message (never by words of the key, which
+        // appears percent-encoded there).
         let detail = err.to_string();
-        let credentials_problem = ["ExpiredToken", "InvalidAccessKeyId", "SignatureDoesNotMatch", "TokenRefreshRequired"]
-            .iter()
-            .any(|code| detail.contains(code));
+        let credentials_problem = [
+            "ExpiredToken",
+            "InvalidAccessKeyId",
+            "SignatureDoesNotMatch",
+            "TokenRefreshRequired",
+            "<Code>AccessDenied</Code>",
+            "403 Forbidden",
+            "401 Unauthorized",
+        ]
+        .iter()
+        .any(|code| detail.contains(code));
         if credentials_problem || errno == libc::EACCES {
             tracing::error!(
                 object = what,
@@ -145,6 +156,15 @@ mod tests {
             source: "ExpiredToken: The provided token has expired".into(),
         };
         assert_eq!(FsError::from_store(err, "s/a").errno, libc::EACCES);
+    }
+
+    #[test]
+    fn denied_listing_maps_to_eacces() {
+        let err = object_store::Error::Generic {
+            store: "S3",
+            source: "Error performing list request: Server returned non-2xx status code: 403 Forbidden: <Code>AccessDenied</Code>".into(),
+        };
+        assert_eq!(FsError::from_store(err, "s/").errno, libc::EACCES);
     }
 
     #[test]

@@ -404,7 +404,7 @@ fn rereads_served_from_caches() {
     let mount = Mounted::start(&spaces, "max_size = \"5MiB\"\n");
     let gets = |proxy: &FaultProxy| {
         let requests = proxy.requests();
-        requests.iter().filter(|r| r.starts_with("GET ") && r.contains("/data.bin ")).count()
+        requests.iter().filter(|r| r.starts_with("GET ") && r.contains("/data.bin HTTP")).count()
     };
 
     assert!(read_all(&mount.path("s3/data.bin")) == data);
@@ -647,4 +647,68 @@ fn check_reports_each_space() {
     let output = Command::new(common::datanet_bin()).arg("check").arg("--config").arg(&config).output().unwrap();
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("UNREACHABLE"), "{output:?}");
+}
+
+#[test]
+fn negative_entries_and_listings_expire() {
+    let garage = Garage::from_env();
+    let bucket = garage.fresh_bucket("negative");
+    let direct = garage.bucket(&bucket);
+    direct.put("old.txt", b"old\n");
+    let mount = Mounted::start(&s3_and_local(&garage, &bucket), "");
+
+    assert_eq!(names(&mount.path("s3")), vec!["old.txt"]);
+    assert_eq!(errno_of(&fs::metadata(mount.path("s3/late.txt")).unwrap_err()), libc::ENOENT);
+    direct.put("late.txt", b"late\n");
+    assert_eq!(names(&mount.path("s3")), vec!["old.txt"], "the listing is served from the cache");
+    assert!(fs::metadata(mount.path("s3/late.txt")).is_err(), "the negative entry is served from the cache");
+
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(names(&mount.path("s3")), vec!["late.txt", "old.txt"]);
+    assert_eq!(read_all(&mount.path("s3/late.txt")), b"late\n");
+}
+
+#[test]
+fn denied_credentials_give_eacces() {
+    let garage = Garage::from_env();
+    let bucket = garage.fresh_bucket("denied");
+    garage.bucket(&bucket).put("x.txt", b"x");
+    let dir = tempfile::tempdir().unwrap();
+    let bad_secret = dir.path().join("secret");
+    fs::write(&bad_secret, "not-the-secret\n").unwrap();
+    fs::set_permissions(&bad_secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let spaces = garage
+        .space_toml("s3", &bucket, None)
+        .replace(&garage.secret_file.display().to_string(), &bad_secret.display().to_string());
+    let mount = Mounted::start(&spaces, "");
+
+    assert_eq!(errno_of(&fs::metadata(mount.path("s3/x.txt")).unwrap_err()), libc::EACCES);
+    assert_eq!(errno_of(&fs::read_dir(mount.path("s3")).unwrap_err()), libc::EACCES);
+    let log = mount.log();
+    assert!(log.contains("check the space's access key"), "{log}");
+    assert!(!log.contains("not-the-secret"), "the secret never appears in the log");
+}
+
+#[test]
+fn random_read_fetches_needed_range() {
+    let garage = Garage::from_env();
+    let bucket = garage.fresh_bucket("random");
+    let data = random_bytes(32 << 20, 5);
+    garage.bucket(&bucket).put("r.bin", &data);
+    let proxy = FaultProxy::start(&garage.endpoint);
+    let mount = Mounted::start(&garage.space_toml("s3", &bucket, Some(&proxy.endpoint())), "");
+
+    let mut file = File::open(mount.path("s3/r.bin")).unwrap();
+    proxy.clear_requests();
+    let offset = 20 << 20;
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    let mut chunk = vec![0u8; 4096];
+    file.read_exact(&mut chunk).unwrap();
+    assert!(chunk[..] == data[offset as usize..offset as usize + 4096]);
+
+    let gets: Vec<String> = proxy.requests().into_iter().filter(|r| r.starts_with("GET ") && r.contains("/r.bin HTTP")).collect();
+    assert!(!gets.is_empty() && gets.len() <= 2, "{gets:?}");
+    for get in &gets {
+        assert!(get.contains("bytes=20971520-22020095"), "only the 1 MiB block at the read offset: {get}");
+    }
 }

@@ -17,7 +17,8 @@ struct State {
     fail_next: AtomicU32,
     fail_all: AtomicBool,
     delay_ms: AtomicU64,
-    /// Request lines ("GET /bucket/key?... HTTP/1.1") seen so far.
+    /// Request lines ("GET /bucket/key?... HTTP/1.1", followed by " [Range: ...]" when
+    /// the request has a range) seen so far.
     requests: Mutex<Vec<String>>,
 }
 
@@ -111,7 +112,10 @@ async fn read_head(client: &mut TcpStream) -> std::io::Result<Option<(Vec<u8>, V
 async fn handle(mut client: TcpStream, upstream: SocketAddr, state: Arc<State>) -> std::io::Result<()> {
     let Some((head, body_start)) = read_head(&mut client).await? else { return Ok(()) };
     let head_text = String::from_utf8_lossy(&head).to_string();
-    let request_line = head_text.lines().next().unwrap_or_default().to_string();
+    let mut request_line = head_text.lines().next().unwrap_or_default().to_string();
+    if let Some(range) = head_text.lines().find(|l| l.to_ascii_lowercase().starts_with("range:")) {
+        request_line.push_str(&format!(" [{}]", range.trim()));
+    }
     state.requests.lock().unwrap().push(request_line);
 
     let fail = state.fail_all.load(Ordering::SeqCst)
