@@ -78,24 +78,30 @@ fn yes_no(value: bool) -> String {
     if value { "yes" } else { "no" }.to_string()
 }
 
-/// Tells whether the filesystem under `dir` supports `user.*` extended attributes.
+/// Tells whether the filesystem under `dir` stores `user.*` extended attributes.
 ///
-/// Reading an attribute that does not exist fails with `ENODATA` where attributes are
-/// supported and with `ENOTSUP` where they are not (as on a FUSE filesystem that does
-/// not implement them), so the probe changes nothing on disk.
+/// The probe writes and removes one attribute, because reading is not enough: a
+/// filesystem may answer "no such attribute" to reads and still reject every write
+/// (the datanet FUSE mount of this version does). It leaves the directory unchanged
+/// apart from its ctime.
 pub fn supports_user_xattrs(dir: &Path) -> bool {
     let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else {
         return false;
     };
     let name = c"user.datanet.probe";
-    // SAFETY: both strings are NUL-terminated and live across the call; a null buffer
-    // of size 0 asks only for the value's size.
-    let result = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), std::ptr::null_mut(), 0) };
-    if result >= 0 {
-        return true;
+    let value = b"1";
+    // SAFETY: both strings are NUL-terminated and outlive the calls; `value` is valid
+    // for `value.len()` bytes.
+    let set = unsafe { libc::lsetxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    if set != 0 {
+        return false;
     }
-    let errno = std::io::Error::last_os_error().raw_os_error();
-    errno == Some(libc::ENODATA)
+    // SAFETY: as above.
+    let removed = unsafe { libc::lremovexattr(path.as_ptr(), name.as_ptr()) };
+    if removed != 0 {
+        tracing::warn!(dir = %dir.display(), error = %std::io::Error::last_os_error(), "cannot remove the xattr probe");
+    }
+    true
 }
 
 #[cfg(test)]
@@ -159,5 +165,17 @@ mod tests {
     #[test]
     fn xattr_probe_on_missing_directory_is_false() {
         assert!(!supports_user_xattrs(Path::new("/nonexistent/dir")));
+    }
+
+    #[test]
+    fn xattr_probe_leaves_no_attribute() {
+        let dir = tempfile::tempdir().unwrap();
+        if supports_user_xattrs(dir.path()) {
+            let path = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+            // SAFETY: a null buffer of size 0 only asks for the value's size.
+            let size = unsafe { libc::lgetxattr(path.as_ptr(), c"user.datanet.probe".as_ptr(), std::ptr::null_mut(), 0) };
+            assert_eq!(size, -1, "the probe attribute was left behind");
+            assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENODATA));
+        }
     }
 }
