@@ -43,11 +43,16 @@ struct Lru {
     tick: u64,
 }
 
+/// Block writes queued at once; blocks read while the queue is full are not cached, so
+/// a slow cache disk never makes fetched blocks pile up in memory.
+const MAX_PENDING_WRITES: usize = 4;
+
 #[derive(Debug)]
 pub struct DataCache {
     dir: PathBuf,
     max_size_bytes: u64,
     lru: Mutex<Lru>,
+    write_permits: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl DataCache {
@@ -61,7 +66,13 @@ impl DataCache {
             dir: dir.to_path_buf(),
             max_size_bytes,
             lru: Mutex::new(Lru::default()),
+            write_permits: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_WRITES)),
         })
+    }
+
+    /// Reserves a slot for one background block write, or `None` while the queue is full.
+    pub fn try_reserve_write(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        std::sync::Arc::clone(&self.write_permits).try_acquire_owned().ok()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Lru> {

@@ -262,8 +262,13 @@ impl BlockRequest {
         }
 
         if let (Some(cache), Some(cache_key)) = (self.cache, cache_key) {
-            let stored = data.clone();
-            tokio::task::spawn_blocking(move || cache.put(&cache_key, &stored));
+            if let Some(permit) = cache.try_reserve_write() {
+                let stored = data.clone();
+                tokio::task::spawn_blocking(move || {
+                    cache.put(&cache_key, &stored);
+                    drop(permit);
+                });
+            }
         }
         Ok(data)
     }
