@@ -150,7 +150,11 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Gc { json } => {
-            let report = open_provisioner(cli.config.as_deref())?.gc()?;
+            let provisioner = open_provisioner(cli.config.as_deref())?;
+            if let Err(err) = provisioner.check_server() {
+                eprintln!("samba-provisioner: warning: {err}");
+            }
+            let report = provisioner.gc()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -270,6 +274,7 @@ fn serve(config_path: Option<&Path>, listen: SocketAddr, gc_interval: Duration) 
         bail!("--gc-interval must be positive, such as 60s");
     }
     let provisioner = Arc::new(Provisioner::new(samba)?);
+    provisioner.check_server()?;
 
     let report = provisioner.gc().context("gc at startup failed")?;
     if !report.failures.is_empty() {

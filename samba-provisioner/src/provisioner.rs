@@ -84,6 +84,12 @@ impl Provisioner {
         &self.config
     }
 
+    /// Checks that the smbd configuration supports lease shares; see
+    /// [`Samba::check_server_settings`].
+    pub fn check_server(&self) -> Result<(), ProvisionError> {
+        self.samba.check_server_settings()
+    }
+
     pub fn state_dir(&self) -> &Path {
         self.ledger.state_dir()
     }

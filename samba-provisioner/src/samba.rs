@@ -166,4 +166,32 @@ impl Samba {
         .check()?;
         Ok(())
     }
+
+    /// Checks the global settings that lease shares depend on: registry shares, which
+    /// smbd must load, and SMB3 as the minimum protocol, which share sections cannot set.
+    pub fn check_server_settings(&self) -> Result<(), ProvisionError> {
+        let registry = self.global_parameter("registry shares")?;
+        if !registry.eq_ignore_ascii_case("yes") {
+            return Err(ProvisionError::invalid(
+                "smb.conf setting `registry shares`",
+                registry,
+                format!("lease shares live in the registry; add `registry shares = yes` to [global] of {}", self.smb_conf.display()),
+            ));
+        }
+        let protocol = self.global_parameter("server min protocol")?;
+        if !protocol.to_ascii_uppercase().starts_with("SMB3") {
+            return Err(ProvisionError::invalid(
+                "smb.conf setting `server min protocol`",
+                protocol,
+                format!("leases require SMB3; add `server min protocol = SMB3` to [global] of {}", self.smb_conf.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    fn global_parameter(&self, name: &str) -> Result<String, ProvisionError> {
+        let parameter = format!("--parameter-name={name}");
+        let output = run("testparm", &["-s", &parameter, self.conf()], None, "reading smb.conf")?.check()?;
+        Ok(output.stdout.trim().to_string())
+    }
 }
