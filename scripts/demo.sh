@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # The main job, as root on Debian 12: install what is missing, build, start the service
-# stack, and run the CAE flow across the data network, one line per step with timing
-# and a summary at the end.
+# stack, and run the CAE flow across the data network (scripts/demo/flow.sh), one line
+# per step with timing and a summary at the end.
 #
-#   scripts/demo.sh [--keep]
+#   scripts/demo.sh [--keep] [--mountpoint PATH]
 #
-# --keep leaves the stack running afterwards; otherwise the stack is stopped again if
-# this run started it. DATANET_RUN_DIR and the port variables of scripts/stack.sh
-# move the stack.
-#
-# NOTE: run_flow is a smoke run of the flow (one CalculiX deck through Garage, Slurm and
-# Samba, driven with curl, sbatch and smbclient). The full flow through the datanet
-# mount, jobwrap and samba-provisioner replaces run_flow.
+# --keep leaves the flow's mount, buckets and files and the stack running afterwards;
+# otherwise the flow removes what it made, and the stack is stopped again if this run
+# started it. --mountpoint mounts datanet at PATH instead of /datanet (which must be
+# free: absent or an empty directory). DATANET_RUN_DIR and the port variables of
+# scripts/stack.sh move the stack.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 KEEP=0
-for arg in "$@"; do
-    case $arg in
+MOUNTPOINT=/datanet
+while (($# > 0)); do
+    case $1 in
         --keep) KEEP=1 ;;
-        *) die "unknown argument \"$arg\"; usage: $0 [--keep]" ;;
+        --mountpoint) (($# >= 2)) || die "--mountpoint needs a PATH"; MOUNTPOINT=$2; shift ;;
+        --mountpoint=*) MOUNTPOINT=${1#*=} ;;
+        *) die "unknown argument \"$1\"; usage: $0 [--keep] [--mountpoint PATH]" ;;
     esac
+    shift
 done
 
 require_root
@@ -28,7 +30,6 @@ check_run_dir
 export PATH="$HOME/.cargo/bin:$PATH"
 cd "$REPO_DIR"
 
-CCX_TESTS=/usr/share/doc/calculix-ccx-test/examples/test
 STEP_LOG=$(mktemp /tmp/datanet-demo.XXXXXX.log)
 SUMMARY=()
 
@@ -65,72 +66,21 @@ print_summary() {
 }
 
 # ---------------------------------------------------------------------------
-# S3 access with curl's SigV4 signing; the key pair is passed on stdin, never in
-# the argument list.
+# The flow: its steps print their own lines; its command output goes to $STEP_LOG.
 
-s3_curl() {
-    local secret
-    secret=$(<"$DATANET_S3_SECRET_FILE")
-    printf 'user = "%s:%s"\n' "$DATANET_S3_ACCESS_KEY_ID" "$secret" |
-        curl -sS --fail-with-body -K - --aws-sigv4 "aws:amz:$DATANET_S3_REGION:s3" \
-            -H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' "$@"
-}
-
-s3_put() {
-    s3_curl -T "$1" "$DATANET_S3_ENDPOINT/$2"
-}
-
-s3_get() {
-    s3_curl -o "$2" "$DATANET_S3_ENDPOINT/$1"
-}
-
-# ---------------------------------------------------------------------------
-# The flow.
-
-DECK=achtel2
-WORK=
-
-upload_model() {
-    local local_dir="$WORK/upload"
-    mkdir -p "$local_dir"
-    cp "$CCX_TESTS/$DECK.inp" "$local_dir/"
-    s3_put "$local_dir/$DECK.inp" "datanet-models/demo/$DECK.inp"
-}
-
-solve() {
-    local job_dir="$DATANET_SCRATCH_ROOT/demo-$$"
-    mkdir -p "$job_dir"
-    s3_get "datanet-models/demo/$DECK.inp" "$job_dir/$DECK.inp"
-    SLURM_CONF=$DATANET_SLURM_CONF sbatch --wait --job-name=datanet-demo \
-        --chdir="$job_dir" --output="$job_dir/slurm-%j.out" \
-        --wrap="ccx -i $DECK"
-    local output
-    for output in "$DECK.dat" "$DECK.frd"; do
-        s3_put "$job_dir/$output" "datanet-results/demo/$output"
-    done
-    rm -rf "$job_dir"
-}
-
-verify_results() {
-    s3_get "datanet-results/demo/$DECK.dat" "$WORK/$DECK.dat"
-    zcat "$CCX_TESTS/$DECK.dat.ref.gz" >"$WORK/$DECK.dat.ref"
-    diff -q "$WORK/$DECK.dat" "$WORK/$DECK.dat.ref"
-}
-
-view_results() {
-    local share_dir="$DATANET_SHARES_DIR/smoke"
-    s3_get "datanet-results/demo/$DECK.frd" "$share_dir/$DECK.frd"
-    smbclient "//127.0.0.1/$DATANET_SMB_SMOKE_SHARE" -p "$DATANET_SMB_PORT" -N -m SMB3 \
-        -c "ls $DECK.frd" | grep -q "$DECK.frd"
-}
+source "$SCRIPTS_DIR/demo/preflight.sh"
 
 run_flow() {
-    WORK=$(mktemp -d /tmp/datanet-demo.XXXXXX)
-    step "upload model $DECK.inp to s3://datanet-models" upload_model
-    step "solve $DECK with ccx under Slurm (cluster a)" solve
-    step "verify $DECK.dat against $DECK.dat.ref" verify_results
-    step "view $DECK.frd over SMB (port $DATANET_SMB_PORT)" view_results
-    rm -rf "$WORK"
+    local args=(--mountpoint "$MOUNTPOINT" --log "$STEP_LOG") rc=0 started_ms elapsed_ms result
+    ((KEEP == 0)) || args+=(--keep)
+    started_ms=$(($(date +%s%N) / 1000000))
+    echo >&2
+    bash "$SCRIPTS_DIR/demo/flow.sh" "${args[@]}" || rc=$?
+    elapsed_ms=$(($(date +%s%N) / 1000000 - started_ms))
+    result=ok
+    ((rc == 0)) || result=FAIL
+    SUMMARY+=("run the CAE flow (scripts/demo/flow.sh)|$result|$((elapsed_ms / 1000)).$((elapsed_ms % 1000 / 100))s")
+    return "$rc"
 }
 
 # ---------------------------------------------------------------------------
@@ -150,6 +100,9 @@ finish() {
     fi
     exit "$rc"
 }
+
+# A taken mountpoint is reported before the long set-up, not after it.
+check_mountpoint_free
 
 if bash "$SCRIPTS_DIR/stack.sh" status >/dev/null 2>&1; then
     stack_was_up=1
