@@ -48,5 +48,5 @@ step "running every test"
 if (($# > 0)); then
     cargo test "$@"
 else
-    cargo test --workspace
+    cargo test --workspace --no-fail-fast
 fi
