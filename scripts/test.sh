@@ -4,7 +4,7 @@
 # clusters and runs every test of the workspace against it. It stops the stack again
 # in every case, and exits non-zero if any step or test fails.
 #
-# Extra arguments go to `cargo test` after the workspace selection, for example
+# With arguments, it runs `cargo test ARGS` instead of every test, for example
 #   scripts/test.sh -p datanet-e2e --test smoke
 # DATANET_RUN_DIR and the port variables of scripts/stack.sh move the stack.
 set -euo pipefail
