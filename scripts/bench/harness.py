@@ -1,9 +1,9 @@
 """Building blocks of the benchmark: timing, medians, the S3 store, FUSE mounts and samplers.
 
 Every tool talks to the same Garage instance of the benchmark's own run directory. No
-secret ever appears in a process argument list: curl reads its credentials from a 0600
-config file (`-K`), s3fs from a 0600 passwd file, rclone from environment variables of
-its own process, and datanet from the secret file named in its configuration.
+secret appears in a process argument list. curl reads its credentials from a 0600 config
+file (`-K`) and s3fs from a 0600 passwd file. rclone gets them in its own environment,
+and datanet reads the secret file named in its configuration.
 """
 
 import os
@@ -18,8 +18,8 @@ from pathlib import Path
 
 MIB = 1024 * 1024
 
-# Set on this workplace's machines; rclone and s3fs fail against a plain-HTTP endpoint
-# while a CA bundle is forced on them, so every child process runs without them.
+# rclone and s3fs fail against a plain-HTTP endpoint while these variables force a CA
+# bundle on them. Some machines set them globally, so every child process runs without them.
 CA_BUNDLE_VARIABLES = (
     "AWS_CA_BUNDLE",
     "SSL_CERT_FILE",
@@ -77,15 +77,18 @@ def clean_env(extra=None):
 
 
 def dir_usage_bytes(path):
-    """Bytes allocated on disk below `path` (st_blocks, so sparse files count what they use)."""
-    total = 0
+    """Bytes of the files below `path`: (allocated on disk from st_blocks, apparent from st_size)."""
+    allocated = 0
+    apparent = 0
     for root, _dirs, files in os.walk(path):
         for name in files:
             try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+                stat = os.lstat(os.path.join(root, name))
             except FileNotFoundError:
-                pass
-    return total
+                continue
+            allocated += stat.st_blocks * 512
+            apparent += stat.st_size
+    return allocated, apparent
 
 
 def read_status_kib(pid, key):
@@ -110,6 +113,7 @@ class Sampler(threading.Thread):
         self.interval_s = interval_s
         self.peak_rss_kib = 0
         self.peak_dir_bytes = 0
+        self.peak_dir_apparent_bytes = 0
         self._stop_event = threading.Event()
 
     def run(self):
@@ -123,7 +127,9 @@ class Sampler(threading.Thread):
             rss = read_status_kib(self.pid, "VmRSS") or 0
             self.peak_rss_kib = max(self.peak_rss_kib, rss)
         if self.directory is not None and os.path.isdir(self.directory):
-            self.peak_dir_bytes = max(self.peak_dir_bytes, dir_usage_bytes(self.directory))
+            allocated, apparent = dir_usage_bytes(self.directory)
+            self.peak_dir_bytes = max(self.peak_dir_bytes, allocated)
+            self.peak_dir_apparent_bytes = max(self.peak_dir_apparent_bytes, apparent)
 
     def stop(self):
         self._stop_event.set()
@@ -246,6 +252,24 @@ class Store:
     def purge(self, prefix):
         run(["rclone", "--log-level", "ERROR", "purge", self.remote(prefix)], env=self.rclone_env(),
             check=False, timeout=600)
+
+
+class RequestLog:
+    """Counts the S3 requests Garage logged (one INFO line per request) since `mark()`."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.offset = 0
+
+    def mark(self):
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def count(self, method, bucket, key):
+        needle = f" {method} /{bucket}/{key}"
+        with open(self.path, "rb") as log:
+            log.seek(self.offset)
+            text = log.read().decode(errors="replace")
+        return sum(1 for line in text.splitlines() if line.endswith(needle) or needle + "?" in line)
 
 
 def write_private(path, text):

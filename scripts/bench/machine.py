@@ -5,6 +5,15 @@ import platform
 import subprocess
 
 
+DEBIAN_PACKAGES = ("rclone", "s3fs", "curl", "fuse3", "slurm-wlm", "samba", "smbclient")
+
+
+def debian_version(package):
+    proc = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", package], stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True)
+    return f"{proc.stdout.strip()} (Debian package)" if proc.returncode == 0 else "not installed"
+
+
 def first_line(cmd, env=None):
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30, env=env)
@@ -56,12 +65,7 @@ def describe(repo, run_dir, garage_binary):
         "commit": commit + (" (with uncommitted changes in the work tree)" if dirty else ""),
         "versions": {
             "garage": first_line([garage_binary, "--version"]),
-            "rclone": first_line(["rclone", "version"]),
-            "s3fs": first_line(["s3fs", "--version"]),
-            "curl": first_line(["curl", "--version"]),
-            "fuse3": first_line(["fusermount3", "--version"]),
-            "slurm": first_line(["sbatch", "--version"]),
-            "samba": first_line(["smbd", "--version"]),
+            **{package: debian_version(package) for package in DEBIAN_PACKAGES},
             "rustc": first_line(["rustc", "--version"]),
             "python": platform.python_version(),
         },

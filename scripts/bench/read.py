@@ -1,7 +1,7 @@
 """Read sections: sequential read cold and warm, random 4 KiB reads, and the cache limit.
 
 "Cold" means a fresh mount with an empty cache directory, so neither the tool's disk
-cache nor the kernel's page cache of the FUSE file holds any byte. Garage's own data
+cache nor the kernel's page cache of the FUSE file contains any byte. Garage's own data
 files may sit in the server's page cache for every tool alike; the direct GET shows
 what that server delivers. "Warm" is a second read through the same mount.
 """
@@ -11,7 +11,7 @@ import random
 import re
 import time
 
-from harness import MIB, BenchError, Sampler, read_status_kib, run
+from harness import MIB, BenchError, RequestLog, Sampler, read_status_kib, run
 from data import warm_local
 
 MOUNT_TOOLS = ("datanet", "rclone-full", "s3fs")
@@ -64,7 +64,8 @@ def section_read(ctx, rec):
     rec.attempt("read.cold.direct", direct)
 
     for tool in MOUNT_TOOLS:
-        keys = [f"read.cold.{tool}", f"read.warm.{tool}", f"read.rss.{tool}", f"read.cache_peak.{tool}"]
+        keys = [f"read.cold.{tool}", f"read.warm.{tool}", f"read.rss.{tool}", f"read.cache_peak.{tool}",
+                f"read.gets.{tool}"]
         rec.attempt(keys, lambda tool=tool: read_through_mount(ctx, rec, tool))
     rec.command("datanet", "datanet mount --config BENCH.toml --foreground MNT   (cache.max_size default)")
     rec.command("rclone-full", "rclone mount bench:BUCKET MNT --vfs-cache-mode full --cache-dir DIR")
@@ -79,9 +80,12 @@ def read_through_mount(ctx, rec, tool):
         with mount:
             path = mount.root() / ctx.object_key
             sampler = Sampler(pid=mount.pid, directory=mount.cache_dir)
+            requests = RequestLog(ctx.run_dir / "logs" / "garage.log")
             sampler.start()
             try:
+                requests.mark()
                 cold = dd_read(path, size)
+                cold_gets = requests.count("GET", ctx.store.bucket, ctx.object_key)
                 warm = dd_read(path, size)
             finally:
                 sampler.stop()
@@ -91,6 +95,7 @@ def read_through_mount(ctx, rec, tool):
         rec.add(f"read.cold.{tool}", cold, "s")
         rec.add(f"read.warm.{tool}", warm, "s")
         rec.add(f"read.rss.{tool}", peak_kib / 1024, "MiB")
+        rec.add(f"read.gets.{tool}", float(cold_gets), "GETs")
         if mount.cache_dir is not None:
             rec.add(f"read.cache_peak.{tool}", sampler.peak_dir_bytes / MIB, "MiB")
 
@@ -148,7 +153,7 @@ def section_random(ctx, rec):
     rec.command("direct", "curl -K AUTH --aws-sigv4 aws:amz:garage:s3 -r START-END -o /dev/null URL   "
                 "(one process and connection per read)")
     rec.command("direct, kept-alive", "curl -K RANGES.conf   (one process, one kept-alive connection, "
-                "the ranges separated by `next`)")
+                "the ranges separated by next)")
     rec.attempt("random.direct", direct)
     rec.attempt("random.direct_keepalive", direct_keepalive)
 
@@ -181,7 +186,8 @@ def section_cache(ctx, rec):
             finally:
                 sampler.stop()
         rec.add("cache.peak", sampler.peak_dir_bytes / MIB, "MiB")
+        rec.add("cache.peak_apparent", sampler.peak_dir_apparent_bytes / MIB, "MiB")
         rec.add("cache.limit", float(sizes.cache_limit_mib), "MiB")
         rec.add("cache.rss", sampler.peak_rss_kib / 1024, "MiB")
 
-    rec.attempt(["cache.peak", "cache.limit", "cache.rss"], measure)
+    rec.attempt(["cache.peak", "cache.peak_apparent", "cache.limit", "cache.rss"], measure)
