@@ -150,7 +150,7 @@ impl MarkerClient {
             let now = SystemTime::now();
             let meta_headers: Vec<(String, String)> =
                 meta.iter().map(|(key, value)| (format!("{USER_META_PREFIX}{key}"), value.clone())).collect();
-            let headers = sign(&method, &self.host, &path, &self.region, &signing_key, now, &meta_headers);
+            let headers = sign(&method, &self.host, &path, &self.region, &signing_key, now, &meta_headers, "");
             let mut request = self
                 .http
                 .request(method.clone(), format!("{}{path}", self.origin))
@@ -192,6 +192,83 @@ impl MarkerClient {
         }
     }
 
+    /// Lists one directory with raw keys: every page of a delimiter listing of
+    /// `dir_key/` (the space root when empty), with keys relative to the space prefix.
+    /// `object_store` rejects a whole page when one key has an empty segment, so this
+    /// is the fallback that lets such directories be listed at all.
+    pub async fn list_dir_raw(&self, dir_key: &str) -> FsResult<RawListing> {
+        let mut full_prefix = self.prefix.clone();
+        if !full_prefix.is_empty() {
+            full_prefix.push('/');
+        }
+        if !dir_key.is_empty() {
+            full_prefix.push_str(dir_key);
+            full_prefix.push('/');
+        }
+        let space_prefix_len = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
+        let path = if self.path_style { format!("/{}", uri_encode(&self.bucket)) } else { "/".to_string() };
+        let what = format!("{}/{dir_key}", self.space);
+
+        let mut listing = RawListing::default();
+        let mut token: Option<String> = None;
+        loop {
+            let mut params = vec![("delimiter", "/".to_string()), ("list-type", "2".to_string()), ("prefix", full_prefix.clone())];
+            if let Some(token) = &token {
+                params.push(("continuation-token", token.clone()));
+            }
+            params.sort();
+            let query: Vec<String> = params
+                .iter()
+                .map(|(name, value)| format!("{name}={}", uri_encode(value).replace('/', "%2F")))
+                .collect();
+            let query = query.join("&");
+
+            let signing_key = self.signing_key()?;
+            let headers = sign(&reqwest::Method::GET, &self.host, &path, &self.region, &signing_key, SystemTime::now(), &[], &query);
+            let mut request = self.http.get(format!("{}{path}?{query}", self.origin));
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            let response = request
+                .send()
+                .await
+                .map_err(|err| FsError::io(format!("{what}: listing failed: {err}")))?;
+            let status = response.status();
+            let body = response
+                .text()
+                .await
+                .map_err(|err| FsError::io(format!("{what}: listing failed: {err}")))?;
+            if status.as_u16() == 403 || status.as_u16() == 401 {
+                return Err(FsError::new(libc::EACCES, format!("{what}: listing denied ({status})")));
+            }
+            if !status.is_success() {
+                return Err(FsError::io(format!("{what}: listing failed with {status}: {}", first_line(&body))));
+            }
+            let page: ListPage = quick_xml::de::from_str(&body)
+                .map_err(|err| FsError::io(format!("{what}: invalid listing response: {err}")))?;
+
+            for common in page.common_prefixes {
+                if let Some(relative) = common.prefix.get(space_prefix_len..) {
+                    listing.prefixes.push(relative.to_string());
+                }
+            }
+            for object in page.contents {
+                if let Some(relative) = object.key.get(space_prefix_len..) {
+                    listing.objects.push(RawObject {
+                        key: relative.to_string(),
+                        size: object.size,
+                        e_tag: object.e_tag,
+                        last_modified: object.last_modified.into(),
+                    });
+                }
+            }
+            match page.next_continuation_token {
+                Some(next) if page.is_truncated => token = Some(next),
+                _ => return Ok(listing),
+            }
+        }
+    }
+
     fn signing_key(&self) -> FsResult<SigningKey> {
         let secret_error = |err: crate::config::ConfigError| FsError::new(libc::EACCES, err.to_string());
         match &self.credentials {
@@ -226,6 +303,51 @@ impl MarkerClient {
             }
         }
     }
+}
+
+/// One directory listed with raw keys (relative to the space prefix).
+#[derive(Debug, Default)]
+pub struct RawListing {
+    /// Common prefixes, each ending with `/`.
+    pub prefixes: Vec<String>,
+    pub objects: Vec<RawObject>,
+}
+
+#[derive(Debug)]
+pub struct RawObject {
+    pub key: String,
+    pub size: u64,
+    pub e_tag: Option<String>,
+    pub last_modified: SystemTime,
+}
+
+/// A page of a ListObjectsV2 response.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListPage {
+    #[serde(default)]
+    contents: Vec<ListContents>,
+    #[serde(default)]
+    common_prefixes: Vec<ListPrefix>,
+    #[serde(default)]
+    is_truncated: bool,
+    next_continuation_token: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListContents {
+    key: String,
+    size: u64,
+    last_modified: chrono::DateTime<chrono::Utc>,
+    #[serde(rename = "ETag")]
+    e_tag: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ListPrefix {
+    prefix: String,
 }
 
 fn first_line(text: &str) -> &str {
@@ -290,6 +412,7 @@ fn sign(
     key: &SigningKey,
     now: SystemTime,
     extra: &[(String, String)],
+    query: &str,
 ) -> Vec<(String, String)> {
     let timestamp = amz_date(now);
     let date = &timestamp[..8];
@@ -308,7 +431,7 @@ fn sign(
     let signed_headers: Vec<&str> = headers.iter().map(|(name, _)| name.as_str()).collect();
     let signed_headers = signed_headers.join(";");
     let canonical_headers: String = headers.iter().map(|(name, value)| format!("{name}:{}\n", value.trim())).collect();
-    let canonical_request = format!("{method}\n{path}\n\n{canonical_headers}\n{signed_headers}\n{EMPTY_SHA256}");
+    let canonical_request = format!("{method}\n{path}\n{query}\n{canonical_headers}\n{signed_headers}\n{EMPTY_SHA256}");
 
     let scope = format!("{date}/{region}/s3/aws4_request");
     let request_hash = hex(digest::digest(&digest::SHA256, canonical_request.as_bytes()).as_ref());
@@ -332,6 +455,21 @@ fn sign(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listing_page_parses() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><Prefix>w/</Prefix>
+<KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys><Delimiter>/</Delimiter><IsTruncated>true</IsTruncated>
+<Contents><Key>w/a &amp; b.txt</Key><LastModified>2026-12-04T22:40:49.000Z</LastModified><ETag>"e1"</ETag><Size>3</Size></Contents>
+<CommonPrefixes><Prefix>w//</Prefix></CommonPrefixes><NextContinuationToken>tok</NextContinuationToken></ListBucketResult>"#;
+        let page: ListPage = quick_xml::de::from_str(xml).unwrap();
+        assert_eq!(page.contents[0].key, "w/a & b.txt");
+        assert_eq!(page.contents[0].size, 3);
+        assert_eq!(page.common_prefixes[0].prefix, "w//");
+        assert!(page.is_truncated);
+        assert_eq!(page.next_continuation_token.as_deref(), Some("tok"));
+    }
 
     #[test]
     fn dates_format_as_sigv4() {

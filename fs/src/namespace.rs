@@ -85,12 +85,15 @@ fn dir_path(dir: &str) -> FsResult<Option<ObjectPath>> {
 /// Lists one directory: every page of the store's listing, merged and sorted by name.
 pub async fn list_dir(handle: &SpaceHandle, dir: &str) -> FsResult<Vec<DirEntry>> {
     let prefix = dir_path(dir)?;
-    let result = handle
-        .space
-        .store
-        .list_with_delimiter(prefix.as_ref())
-        .await
-        .map_err(|err| FsError::from_store(err, &handle.describe(dir)))?;
+    let result = match handle.space.store.list_with_delimiter(prefix.as_ref()).await {
+        Ok(result) => result,
+        Err(object_store::Error::InvalidPath { source }) if handle.markers.is_some() => {
+            tracing::debug!(space = handle.name(), dir, error = %source, "listing has keys object_store rejects; listing raw keys");
+            let markers = handle.markers.as_ref().expect("checked above");
+            return Ok(entries_from_raw(handle, dir, markers.list_dir_raw(dir).await?));
+        }
+        Err(err) => return Err(FsError::from_store(err, &handle.describe(dir))),
+    };
 
     let mut entries: BTreeMap<String, DirEntry> = BTreeMap::new();
     for common in &result.common_prefixes {
@@ -138,6 +141,40 @@ pub async fn list_dir(handle: &SpaceHandle, dir: &str) -> FsResult<Vec<DirEntry>
     Ok(entries.into_values().collect())
 }
 
+/// Builds a listing from raw keys with the same rules as [`list_dir`]: the directory
+/// wins over an object of the same name, and names that cannot be POSIX names (such as
+/// the empty segment of `a//b`) are skipped.
+fn entries_from_raw(handle: &SpaceHandle, dir: &str, raw: crate::marker::RawListing) -> Vec<DirEntry> {
+    let dir_prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+    let mut entries: BTreeMap<String, DirEntry> = BTreeMap::new();
+    for prefix in &raw.prefixes {
+        let name = prefix.strip_prefix(&dir_prefix).unwrap_or("").trim_end_matches('/');
+        if !is_listable(name) || name.contains('/') {
+            tracing::debug!(space = handle.name(), prefix = %prefix, "skipping a prefix that is not a valid file name");
+            continue;
+        }
+        let entry = DirEntry { name: name.to_string(), kind: Kind::Dir, stat: None };
+        entries.insert(name.to_string(), entry);
+    }
+    for object in raw.objects {
+        let name = object.key.strip_prefix(&dir_prefix).unwrap_or("");
+        if name.is_empty() {
+            continue; // the directory's own `dir/` marker
+        }
+        if !is_listable(name) || name.contains('/') || object_path(&object.key).is_err() {
+            tracing::debug!(space = handle.name(), key = %object.key, "skipping an object whose key is not a valid path");
+            continue;
+        }
+        if entries.contains_key(name) {
+            tracing::warn!(space = handle.name(), key = %object.key, "object is shadowed by a directory of the same name; it stays in the store untouched");
+            continue;
+        }
+        let stat = FileStat { size: object.size, mtime: object.last_modified, etag: object.e_tag, meta: None };
+        entries.insert(name.to_string(), DirEntry { name: name.to_string(), kind: Kind::File, stat: Some(stat) });
+    }
+    entries.into_values().collect()
+}
+
 /// Finds out what `key` is with requests to the store (no cache).
 pub async fn resolve(handle: &SpaceHandle, key: &str) -> FsResult<Entry> {
     if key.is_empty() {
@@ -156,6 +193,8 @@ pub async fn resolve(handle: &SpaceHandle, key: &str) -> FsResult<Entry> {
 
     match first_child {
         Some(Ok(_)) => return Ok(Entry::Dir),
+        // A key below `key` exists even if `object_store` cannot represent it.
+        Some(Err(object_store::Error::InvalidPath { .. })) => return Ok(Entry::Dir),
         Some(Err(err)) => return Err(FsError::from_store(err, &handle.describe(key))),
         None => {}
     }
@@ -203,7 +242,11 @@ pub async fn is_dir_empty(handle: &SpaceHandle, dir: &str) -> FsResult<bool> {
     let path = object_path(dir)?;
     let mut children = handle.space.store.list(Some(&path));
     while let Some(item) = children.next().await {
-        let meta = item.map_err(|err| FsError::from_store(err, &handle.describe(dir)))?;
+        let meta = match item {
+            Ok(meta) => meta,
+            Err(object_store::Error::InvalidPath { .. }) => return Ok(false),
+            Err(err) => return Err(FsError::from_store(err, &handle.describe(dir))),
+        };
         if meta.location != path {
             return Ok(false);
         }

@@ -712,3 +712,27 @@ fn random_read_fetches_needed_range() {
         assert!(get.contains("bytes=20971520-22020095"), "only the 1 MiB block at the read offset: {get}");
     }
 }
+
+#[test]
+fn unmappable_keys_skipped_not_eio() {
+    let garage = Garage::from_env();
+    let bucket = garage.fresh_bucket("weird-keys");
+    let direct = garage.bucket(&bucket);
+    direct.put("w/ok.txt", b"ok\n");
+    direct.put("w/a/real.txt", b"real\n");
+    direct.put_marker("w/a/");
+    direct.put_marker("w//x");
+    let mount = Mounted::start(&s3_and_local(&garage, &bucket), "");
+
+    assert_eq!(names(&mount.path("s3")), vec!["w"]);
+    assert_eq!(names(&mount.path("s3/w")), vec!["a", "ok.txt"]);
+    assert!(fs::metadata(mount.path("s3/w/a")).unwrap().is_dir());
+    assert_eq!(names(&mount.path("s3/w/a")), vec!["real.txt"]);
+    assert_eq!(read_all(&mount.path("s3/w/ok.txt")), b"ok\n");
+    assert_eq!(read_all(&mount.path("s3/w/a/real.txt")), b"real\n");
+
+    let raw = common::runtime().block_on(direct.markers.list_dir_raw("w")).unwrap();
+    assert!(raw.prefixes.contains(&"w//".to_string()), "{raw:?}");
+    let raw = common::runtime().block_on(direct.markers.list_dir_raw("w/a")).unwrap();
+    assert!(raw.prefixes.contains(&"w/a//".to_string()), "the unmappable key is kept: {raw:?}");
+}
