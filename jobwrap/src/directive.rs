@@ -6,7 +6,7 @@
 //!
 //! - `--stage-in SPACE:PATH[=DEST]` or `--stage-in SPACE:PATH --to DEST`
 //! - `--stage-out PATTERN[=SPACE:PATH]` or `--stage-out PATTERN --to SPACE:PATH`
-//! - `--output SPACE:PREFIX/`, `--keep`, `--cluster NAME`
+//! - `--output SPACE:PREFIX/`, `--keep`, `--stage-first`, `--cluster NAME|auto`
 //!
 //! Without `--to`, the value is split at its first `=`; names that contain `=` use `--to`.
 
@@ -24,6 +24,7 @@ pub struct DataFlags {
     pub stage_out: Vec<StageOut>,
     pub output: Option<SpaceLocation>,
     pub keep_workdir: bool,
+    pub stage_first: bool,
     pub cluster: Option<String>,
 }
 
@@ -98,6 +99,10 @@ impl DataFlags {
                 self.keep_workdir = true;
                 Ok(Some(1))
             }
+            "--stage-first" if inline_value.is_none() => {
+                self.stage_first = true;
+                Ok(Some(1))
+            }
             "--to" => Err(SpecError::Usage(format!(
                 "--to ({}) must follow --stage-in or --stage-out",
                 at()
@@ -129,7 +134,7 @@ impl DataFlags {
                         return Err(SpecError::invalid(
                             format!("directive ({})", origin.describe()),
                             &words[index],
-                            "known directives are --stage-in, --stage-out, --to, --output, --keep and --cluster",
+                            "known directives are --stage-in, --stage-out, --to, --output, --keep, --stage-first and --cluster",
                         ))
                     }
                 }

@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::collections::BTreeMap;
+
 use datanet::config::ClusterConfig;
 use datanet::Config;
 use futures::StreamExt;
@@ -20,6 +22,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use crate::error::JobError;
 use crate::fault;
 use crate::ledger::{now_seconds, JobLock, JobRecord, Ledger, OutputFile, SlurmRecord};
+use crate::placement::{self, Placement, Request};
 use crate::progress::Progress;
 use crate::sbatch_options::{has_option, inspect, script_header_options};
 use crate::slurm::Slurm;
@@ -84,10 +87,16 @@ impl Jobwrap {
         Spaces::open(&self.config, names).map_err(|err| JobError::Rejected(vec![err.to_string()]))
     }
 
-    /// Validates a job and creates its record. Nothing is submitted when this fails.
+    /// Validates a job, chooses its cluster and creates its record. Nothing is
+    /// submitted when this fails.
     pub async fn create(&self, spec: JobSpec) -> Result<(JobRecord, JobLock), JobError> {
         spec.check()?;
-        let cluster = self.cluster(spec.cluster.as_deref())?.clone();
+        let pinned = match spec.cluster.as_deref() {
+            Some("auto") => None,
+            Some(name) => Some(self.cluster(Some(name))?.clone()),
+            None if self.config.clusters.len() <= 1 => Some(self.cluster(None)?.clone()),
+            None => None,
+        };
         let spaces = self.spaces(&spec)?;
         let id = crate::ledger::new_job_id();
 
@@ -100,6 +109,20 @@ impl Jobwrap {
             }
         };
         problems.extend(probe_outputs(&spaces, &spec, &id).await);
+        if !problems.is_empty() {
+            return Err(JobError::Rejected(problems));
+        }
+
+        let (cluster, placement) = match pinned {
+            Some(cluster) => (cluster, None),
+            None => {
+                let placement = self.place(&spec, &inputs)?;
+                (self.cluster(Some(&placement.cluster))?.clone(), Some(placement))
+            }
+        };
+        if let Some(placement) = &placement {
+            eprintln!("jobwrap: placed on cluster {}: {}", placement.cluster, placement.reason);
+        }
         if !cluster.scratch_root.is_dir() {
             problems.push(format!(
                 "scratch root {} of cluster {} is not a directory; create it or fix clusters.{}.scratch_root",
@@ -131,11 +154,32 @@ impl Jobwrap {
             workdir_removed: false,
             error: None,
             driver_pid: None,
+            placement,
+            overlap: !spec.stage_first && !spec.stage_in.is_empty(),
             spec,
         };
         let lock = self.ledger.lock(&id)?;
         self.ledger.save(&mut record)?;
         Ok((record, lock))
+    }
+
+    /// Chooses the cluster where the job can start soonest.
+    fn place(&self, spec: &JobSpec, inputs: &[crate::ledger::InputFile]) -> Result<Placement, JobError> {
+        let mut options = inspect(&script_header_options(&spec.script_text));
+        options.extend(inspect(&spec.sbatch_options));
+        let request = Request::from_options(&options);
+
+        let clusters: Vec<ClusterConfig> = self.config.clusters.values().cloned().collect();
+        let mut near_bytes = BTreeMap::new();
+        for cluster in &clusters {
+            let bytes: u64 = inputs
+                .iter()
+                .filter(|file| cluster.near_spaces.contains(&file.source.space))
+                .map(|file| file.size_bytes)
+                .sum();
+            near_bytes.insert(cluster.name.clone(), bytes);
+        }
+        placement::choose(&clusters, request, &near_bytes).map_err(|problem| JobError::Rejected(vec![problem]))
     }
 
     /// Runs the job from its recorded phase. With `detach`, returns once the job is
@@ -156,17 +200,14 @@ impl Jobwrap {
     async fn drive_phases(&self, record: &mut JobRecord, detach: bool) -> Result<(), JobError> {
         loop {
             if record.phase < Phase::Submitted && self.ledger.cancel_requested(&record.id) {
-                self.cancel_before_submission(record).await?;
+                self.cancel_before_release(record).await?;
             }
             match record.phase {
                 Phase::Preparing => self.prepare(record)?,
                 Phase::StageIn => self.stage_in(record).await?,
-                Phase::Submitting => {
-                    self.submit(record)?;
-                    if detach {
-                        return Ok(());
-                    }
-                }
+                Phase::Submitting => self.submit(record)?,
+                Phase::Releasing => self.release(record)?,
+                Phase::Submitted if detach => return Ok(()),
                 Phase::Submitted => self.track(record).await?,
                 Phase::StageOut => self.stage_out(record).await?,
                 Phase::Finished => return Ok(()),
@@ -201,7 +242,7 @@ impl Jobwrap {
             return Err(JobError::Rejected(vec![format!("sbatch rejected the job options: {err}")]));
         }
 
-        record.phase = Phase::StageIn;
+        record.phase = if record.overlap { Phase::Submitting } else { Phase::StageIn };
         self.ledger.save(record)?;
         notify(record, format!("working directory {}", record.workdir.display()));
         Ok(())
@@ -214,6 +255,9 @@ impl Jobwrap {
         let mut chdir = OsString::from("--chdir=");
         chdir.push(&record.workdir);
         let mut args = vec![chdir, OsString::from(format!("--comment={}", record.submit_comment))];
+        if record.overlap {
+            args.push(OsString::from("--hold"));
+        }
 
         let mut declared = inspect(&spec.sbatch_options);
         declared.extend(inspect(&script_header_options(&spec.script_text)));
@@ -280,6 +324,9 @@ impl Jobwrap {
             if self.ledger.cancel_requested(&record.id) {
                 return Ok(());
             }
+            if !failures.is_empty() && record.overlap {
+                return self.cancel_after_failed_stage_in(record, &failures);
+            }
             if !failures.is_empty() {
                 record.phase = Phase::Finished;
                 record.state = JobState::Failed;
@@ -295,7 +342,36 @@ impl Jobwrap {
             }
         }
 
-        record.phase = Phase::Submitting;
+        record.phase = if record.overlap { Phase::Releasing } else { Phase::Submitting };
+        self.ledger.save(record)?;
+        Ok(())
+    }
+
+    /// Cancels the held job whose inputs could not be staged in, recording why.
+    fn cancel_after_failed_stage_in(&self, record: &mut JobRecord, failures: &[String]) -> Result<(), JobError> {
+        let job_id = record.slurm.job_id.clone().unwrap_or_default();
+        let reason = format!("stage-in failed, so the held Slurm job {job_id} was cancelled:\n  {}", failures.join("\n  "));
+        notify(record, &reason);
+        self.slurm(record)?.scancel(&job_id)?;
+        record.error = Some(reason);
+        record.phase = Phase::Submitted;
+        self.ledger.save(record)?;
+        Ok(())
+    }
+
+    /// Releases the held job once its inputs are staged in and verified.
+    fn release(&self, record: &mut JobRecord) -> Result<(), JobError> {
+        let slurm = self.slurm(record)?;
+        let job_id = record.slurm.job_id.clone().unwrap_or_default();
+        if let Err(err) = slurm.release(&job_id) {
+            // A release that already happened before a crash fails the second time.
+            let held = slurm.show_job(&job_id)?.is_some_and(|info| info.held);
+            if held {
+                return Err(err);
+            }
+        }
+        notify(record, format!("inputs verified; released Slurm job {job_id}"));
+        record.phase = Phase::Submitted;
         self.ledger.save(record)?;
         Ok(())
     }
@@ -318,7 +394,7 @@ impl Jobwrap {
         };
         record.slurm.job_id = Some(job_id);
         record.state = JobState::Pending;
-        record.phase = Phase::Submitted;
+        record.phase = if record.overlap { Phase::StageIn } else { Phase::Submitted };
         self.ledger.save(record)?;
         Ok(())
     }
@@ -495,7 +571,14 @@ impl Jobwrap {
         Ok(())
     }
 
-    async fn cancel_before_submission(&self, record: &mut JobRecord) -> Result<(), JobError> {
+    /// Handles a cancel request before the job was released to run: a submitted (held)
+    /// job goes to tracking, which cancels it; otherwise nothing is ever submitted.
+    async fn cancel_before_release(&self, record: &mut JobRecord) -> Result<(), JobError> {
+        if record.slurm.job_id.is_some() {
+            record.phase = Phase::Submitted;
+            self.ledger.save(record)?;
+            return Ok(());
+        }
         if record.phase == Phase::Submitting {
             let slurm = self.slurm(record)?;
             if let Some(job_id) = self.find_submitted(record, &slurm)? {

@@ -39,6 +39,8 @@ struct RawJobFile {
     output: Option<RawOutput>,
     #[serde(default)]
     keep_workdir: bool,
+    #[serde(default)]
+    stage_first: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,6 +153,7 @@ pub fn parse(text: &str, name: &str) -> Result<JobSpec, SpecError> {
         stage_out,
         output,
         keep_workdir: raw.keep_workdir,
+        stage_first: raw.stage_first,
     };
     spec.check()?;
     Ok(spec)

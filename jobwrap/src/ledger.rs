@@ -89,6 +89,12 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// The jobwrap process currently driving the job, for `status`.
     pub driver_pid: Option<u32>,
+    /// Why the cluster was chosen, when jobwrap chose it among several.
+    #[serde(default)]
+    pub placement: Option<crate::placement::Placement>,
+    /// True when the job is submitted held and staged in while it waits.
+    #[serde(default)]
+    pub overlap: bool,
 }
 
 impl JobRecord {

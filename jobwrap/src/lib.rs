@@ -13,6 +13,7 @@ pub mod flow;
 pub mod jobfile;
 pub mod ledger;
 pub mod location;
+pub mod placement;
 pub mod progress;
 pub mod sbatch_options;
 pub mod slurm;

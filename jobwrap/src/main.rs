@@ -30,7 +30,7 @@ enum Command {
     /// Run a batch script: `jobwrap sbatch [jobwrap flags] [sbatch options] SCRIPT [ARGS...]`.
     ///
     /// jobwrap flags: --stage-in SPACE:PATH[=DEST], --stage-out PATTERN[=SPACE:PATH],
-    /// --to, --output SPACE:PREFIX/, --keep, --cluster NAME, --detach. Everything else
+    /// --to, --output SPACE:PREFIX/, --keep, --stage-first, --cluster NAME|auto, --detach. Everything else
     /// before SCRIPT goes to sbatch unchanged. The script's #DATANET lines take the same flags.
     #[command(disable_help_flag = true)]
     Sbatch {
@@ -63,6 +63,8 @@ enum Command {
     Cancel { id: String },
     /// Continue detached or interrupted jobs (one, or every unfinished job).
     Resume { id: Option<String> },
+    /// Show each configured cluster's idle and total CPUs and memory and its pending jobs.
+    Clusters,
 }
 
 #[tokio::main]
@@ -155,6 +157,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Resume { id } => resume(&load()?, id).await,
+        Command::Clusters => {
+            let config = Config::load(&config_path).map_err(JobError::from)?;
+            let clusters: Vec<_> = config.clusters.values().cloned().collect();
+            println!("{:<12} {:>11} {:>19} {:>8}", "CLUSTER", "IDLE/CPUS", "IDLE/MEMORY (MiB)", "PENDING");
+            for (name, answer) in jobwrap::placement::survey(&clusters) {
+                match answer {
+                    Ok(load) => println!(
+                        "{:<12} {:>11} {:>19} {:>8}",
+                        name,
+                        format!("{}/{}", load.idle_cpus, load.total_cpus),
+                        format!("{}/{}", load.idle_memory_mb, load.total_memory_mb),
+                        load.pending_jobs
+                    ),
+                    Err(error) => println!("{name:<12} unreachable: {error}"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -176,6 +196,7 @@ fn spec_from_script(command: &jobwrap::sbatch_options::SbatchCommand) -> anyhow:
     flags.output = cli.output.clone().or(flags.output);
     flags.cluster = cli.cluster.clone().or(flags.cluster);
     flags.keep_workdir |= cli.keep_workdir;
+    flags.stage_first |= cli.stage_first;
 
     let spec = JobSpec {
         cluster: flags.cluster,
@@ -187,6 +208,7 @@ fn spec_from_script(command: &jobwrap::sbatch_options::SbatchCommand) -> anyhow:
         stage_out: flags.stage_out,
         output: flags.output,
         keep_workdir: flags.keep_workdir,
+        stage_first: flags.stage_first,
     };
     spec.check()?;
     Ok(spec)
@@ -273,6 +295,9 @@ fn print_status(record: &JobRecord) {
         record.state,
         if record.state.is_final() { format!(" (exit code {})", record.exit_code()) } else { String::new() }
     );
+    if let Some(placement) = &record.placement {
+        println!("placement:  {}: {}", placement.cluster, placement.reason);
+    }
     if let Some(source) = &record.slurm.verdict_source {
         println!("verdict:    from {source}");
     }
@@ -313,7 +338,8 @@ fn print_sbatch_help() {
          --to DEST                        destination of the preceding --stage-in/--stage-out\n  \
          --output SPACE:PREFIX/           where Slurm's logs and outputs without a destination go\n  \
          --keep                           keep the working directory after stage-out\n  \
-         --cluster NAME                   cluster from the configuration\n  \
+         --stage-first                    stage in, then submit (default: submit held, stage in while queued)\n  \
+         --cluster NAME|auto              cluster from the configuration; auto picks the soonest start\n  \
          --detach                         return after submission; `jobwrap resume` finishes the job\n\n\
          Every other option before SCRIPT is passed to sbatch unchanged."
     );

@@ -25,6 +25,8 @@ pub struct JobInfo {
     pub time_limit_seconds: Option<u64>,
     pub stdout: Option<PathBuf>,
     pub stderr: Option<PathBuf>,
+    /// True while the job is held (`Reason=JobHeldUser` or `JobHeldAdmin`).
+    pub held: bool,
 }
 
 /// What `sacct` reports for the job allocation.
@@ -153,6 +155,19 @@ impl Slurm {
         })
     }
 
+    /// Releases a held job (`scontrol release`).
+    pub fn release(&self, job_id: &str) -> Result<(), JobError> {
+        let args = [OsString::from("release"), OsString::from(job_id)];
+        let output = self.run("scontrol", &args)?;
+        if !output.status.success() {
+            return Err(JobError::Slurm {
+                command: "scontrol release".into(),
+                message: one_line(&output.stderr),
+            });
+        }
+        Ok(())
+    }
+
     pub fn scancel(&self, job_id: &str) -> Result<(), JobError> {
         let output = self.run("scancel", &[OsString::from(job_id)])?;
         if !output.status.success() {
@@ -241,6 +256,7 @@ fn parse_show_job(line: &str) -> JobInfo {
         time_limit_seconds: get("TimeLimit").and_then(|text| parse_time_limit(&text)),
         stdout: get("StdOut").filter(|path| !path.is_empty()).map(PathBuf::from),
         stderr: get("StdErr").filter(|path| !path.is_empty()).map(PathBuf::from),
+        held: get("Reason").is_some_and(|reason| reason.starts_with("JobHeld")),
     }
 }
 

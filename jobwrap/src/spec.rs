@@ -44,6 +44,10 @@ pub struct JobSpec {
     pub output: Option<SpaceLocation>,
     /// Keep the working directory after stage-out.
     pub keep_workdir: bool,
+    /// Stage in before submitting instead of submitting held and staging in while the
+    /// job waits in the queue.
+    #[serde(default)]
+    pub stage_first: bool,
 }
 
 impl StageIn {
@@ -185,6 +189,7 @@ mod tests {
             stage_out: vec![StageOut::new("a.txt".into(), Some(location("results:run 1/a.txt"))).unwrap()],
             output: None,
             keep_workdir: false,
+            stage_first: false,
         };
         assert_eq!(spec.log_destination().unwrap().path, "run 1/");
         assert!(spec.check().is_ok());

@@ -274,6 +274,7 @@ mod tests {
             ],
             output: Some(results),
             keep_workdir: false,
+            stage_first: false,
         };
         let (planned, missing) = plan(&spec, workdir.path(), &[workdir.path().join("slurm-5.out")]);
         let targets: Vec<String> = planned.iter().map(|p| p.destination.to_string()).collect();

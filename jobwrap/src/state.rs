@@ -17,6 +17,8 @@ pub enum Phase {
     StageIn,
     /// The submission intent is recorded; sbatch may or may not have run.
     Submitting,
+    /// Overlapped staging: inputs are verified, the held job is being released.
+    Releasing,
     /// sbatch returned a job id; the job is tracked until it ends.
     Submitted,
     StageOut,
@@ -87,6 +89,7 @@ impl fmt::Display for Phase {
             Phase::Preparing => "preparing",
             Phase::StageIn => "stage-in",
             Phase::Submitting => "submitting",
+            Phase::Releasing => "releasing",
             Phase::Submitted => "submitted",
             Phase::StageOut => "stage-out",
             Phase::Finished => "finished",
