@@ -75,6 +75,7 @@ MESHES_DIR=$WORK/spaces/meshes
 JOBS_DIR=$WORK/jobs
 NODE_DIR=$WORK/node
 [[ -n $LOG ]] || LOG=$(mktemp "/tmp/datanet-flow-$NAME.XXXXXX.log")
+touch "$LOG" 2>/dev/null || die "cannot write the log file --log $LOG; give a writable path"
 
 source "$FLOW_DIR/runner.sh"
 source "$FLOW_DIR/s3.sh"
