@@ -82,11 +82,14 @@ impl FsError {
         .iter()
         .any(|code| detail.contains(code));
         if credentials_problem || errno == libc::EACCES {
-            tracing::error!(
-                object = what,
-                error = %detail,
-                "the store rejected the credentials or denied access; check the space's access key, secret and session token"
-            );
+            if let Some(suppressed) = denial_log_allowed() {
+                tracing::error!(
+                    object = what,
+                    error = %detail,
+                    suppressed,
+                    "the store rejected the credentials or denied access; check the space's access key, secret and session token"
+                );
+            }
             return Self::new(libc::EACCES, format!("{what}: {kind}: {detail}"));
         }
         if errno == libc::EIO {
@@ -101,7 +104,31 @@ impl FsError {
     }
 }
 
-/// The symbolic name of common errno values, for log lines.
+/// Shortest time between two log lines about rejected credentials.
+const DENIAL_LOG_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Rate-limits the credentials error: returns how many lines were suppressed since the
+/// last one when a line may be logged now, or `None` to stay quiet.
+fn denial_log_allowed() -> Option<u64> {
+    use std::sync::Mutex;
+    use std::time::Instant;
+
+    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    match last.as_mut() {
+        Some((at, suppressed)) if at.elapsed() < DENIAL_LOG_INTERVAL => {
+            *suppressed += 1;
+            None
+        }
+        _ => {
+            let suppressed = last.map_or(0, |(_, count)| count);
+            *last = Some((Instant::now(), 0));
+            Some(suppressed)
+        }
+    }
+}
+
+/// Returns the symbolic name of common errno values, for log lines.
 pub fn errno_name(errno: i32) -> &'static str {
     match errno {
         libc::ENOENT => "ENOENT",
