@@ -15,7 +15,7 @@ use crate::store::open_space;
 pub struct SpaceReport {
     pub name: String,
     pub url: String,
-    /// `Err` holds the reason, in one line.
+    /// `Err` contains the reason, in one line.
     pub reachable: Result<(), String>,
     /// `None` for read-only spaces, which are not probed for writing.
     pub writable: Option<Result<(), String>>,

@@ -43,8 +43,8 @@ struct Lru {
     tick: u64,
 }
 
-/// Block writes queued at once; blocks read while the queue is full are not cached, so
-/// a slow cache disk never makes fetched blocks pile up in memory.
+/// Maximum number of block writes queued at once. Blocks read while the queue is full
+/// are not cached, so a slow cache disk never makes fetched blocks pile up in memory.
 const MAX_PENDING_WRITES: usize = 4;
 
 #[derive(Debug)]

@@ -2,7 +2,7 @@
 //!
 //! Every failure that reaches the kernel goes through [`FsError`], and store errors are
 //! mapped to an errno only in [`FsError::from_store`]. The invariant: ENOENT means that
-//! the store said "not found"; throttling, timeouts and server errors (after the retries
+//! the store returned "not found"; throttling, timeouts and server errors (after the retries
 //! of `object_store`) become EIO and are never cached as a negative entry.
 
 use std::fmt;
@@ -42,14 +42,14 @@ impl FsError {
         Self::new(libc::EIO, message)
     }
 
-    /// True when the store answered that the object does not exist.
+    /// True when the store reported that the object does not exist.
     pub fn is_not_found(&self) -> bool {
         self.errno == libc::ENOENT
     }
 
     /// Maps an `object_store` error for `what` (a space and key, for the message).
     ///
-    /// `object_store` has already retried throttling (503 SlowDown), 5xx answers and
+    /// `object_store` has already retried throttling (503 SlowDown), 5xx responses and
     /// timeouts with backoff when an error reaches this function.
     pub fn from_store(err: object_store::Error, what: &str) -> Self {
         use object_store::Error as E;

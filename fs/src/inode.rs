@@ -16,7 +16,7 @@ pub const ROOT_INO: u64 = 1;
 /// First inode number handed out for entries below the space roots.
 const FIRST_DYNAMIC_INO: u64 = 1 << 16;
 
-/// Largest number of spaces whose root inodes fit below [`FIRST_DYNAMIC_INO`].
+/// Maximum number of spaces whose root inodes fit below [`FIRST_DYNAMIC_INO`].
 pub const MAX_SPACES: usize = (FIRST_DYNAMIC_INO - 2) as usize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,7 +26,7 @@ pub enum Kind {
     Symlink,
 }
 
-/// What an inode number refers to.
+/// The entry that an inode number refers to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// The mount root, listing the spaces.
@@ -42,8 +42,8 @@ struct Node {
     kind: Kind,
     lookups: u64,
     open_handles: u64,
-    /// False once the key was unlinked or replaced: the node then lives only until the
-    /// kernel forgets it.
+    /// False once the key was unlinked or replaced. The node then lives only until the
+    /// kernel sends the last `forget` for it.
     attached: bool,
 }
 
@@ -137,7 +137,7 @@ impl InodeTable {
         ino
     }
 
-    /// The inode currently attached to (space, key), without counting a lookup.
+    /// Returns the inode currently attached to (space, key), without counting a lookup.
     pub fn peek(&self, space: usize, key: &str) -> Option<u64> {
         if key.is_empty() {
             return Some(space_root_ino(space));

@@ -154,7 +154,7 @@ fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         bail!("cannot create a pipe: {}", std::io::Error::last_os_error());
     }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    // SAFETY: pipe2 succeeded, so both descriptors are open and not owned elsewhere.
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 

@@ -1,7 +1,7 @@
 //! The metadata cache: attributes of keys, negative entries and directory listings.
 //!
 //! Every entry expires after `cache.metadata_ttl`; a TTL of zero disables the cache.
-//! Invariant: only a definite answer of the store is cached. A "missing" entry is
+//! Invariant: only a definite response of the store is cached. A "missing" entry is
 //! inserted only after the store said "not found" (never after a throttled or failed
 //! request), and changes made through this mount update or drop the entries they touch.
 
@@ -45,7 +45,7 @@ impl FileStat {
     }
 }
 
-/// What a key is, as far as the store said.
+/// The kind of a key, as the store last reported it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     File(FileStat),

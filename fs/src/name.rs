@@ -14,10 +14,10 @@ use std::ffi::OsStr;
 
 use crate::error::{FsError, FsResult};
 
-/// Longest file name; `statfs` reports the same value as `namelen`.
+/// Maximum file name length in bytes; `statfs` reports it as `namelen`.
 pub const NAME_MAX_BYTES: usize = 255;
 
-/// Longest object key that S3 accepts (UTF-8 bytes).
+/// Maximum object key length that S3 accepts, in UTF-8 bytes.
 pub const KEY_MAX_BYTES: usize = 1024;
 
 /// Checks a name that the kernel passed in (create, mkdir, rename, lookup).
@@ -54,7 +54,7 @@ pub fn is_listable(name: &str) -> bool {
         && !name.chars().any(|c| c.is_ascii_control())
 }
 
-/// The key of `name` inside the directory whose key is `parent` ("" is the space root).
+/// Returns the key of `name` inside the directory whose key is `parent` ("" is the space root).
 pub fn child_key(parent: &str, name: &str) -> String {
     if parent.is_empty() {
         name.to_string()
@@ -63,7 +63,7 @@ pub fn child_key(parent: &str, name: &str) -> String {
     }
 }
 
-/// The directory part and the last segment of a key.
+/// Splits a key into its directory part and its last segment.
 pub fn split_key(key: &str) -> (&str, &str) {
     match key.rsplit_once('/') {
         Some((parent, name)) => (parent, name),

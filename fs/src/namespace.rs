@@ -32,7 +32,7 @@ pub struct SpaceHandle {
     pub local_root: Option<PathBuf>,
     /// The key prefix inside the bucket, counted in the key length limit.
     pub key_prefix: String,
-    /// Where POSIX metadata of objects is kept.
+    /// The place where POSIX metadata of objects is kept.
     pub meta_target: MetaTarget,
 }
 
@@ -69,7 +69,7 @@ impl SpaceHandle {
     }
 }
 
-/// The `object_store` path of a key, kept byte for byte (no percent-encoding).
+/// Returns the `object_store` path of a key, kept byte for byte (no percent-encoding).
 pub fn object_path(key: &str) -> FsResult<ObjectPath> {
     ObjectPath::parse(key).map_err(|err| FsError::new(libc::EINVAL, format!("invalid object key {key:?}: {err}")))
 }
@@ -305,7 +305,7 @@ pub async fn list_tree(handle: &SpaceHandle, dir: &str) -> FsResult<Vec<object_s
     Ok(out)
 }
 
-/// The key of `name` below `dir`, re-exported for callers that build keys.
+/// Returns the key of `name` below `dir`, for callers that build keys.
 pub fn key_of(dir: &str, name: &str) -> String {
     child_key(dir, name)
 }

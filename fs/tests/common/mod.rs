@@ -64,7 +64,7 @@ impl Garage {
         name
     }
 
-    /// A `[spaces.NAME]` section for `bucket`, through `endpoint` (the proxy, or Garage
+    /// Returns a `[spaces.NAME]` section for `bucket`, through `endpoint` (the proxy, or Garage
     /// itself when `None`).
     pub fn space_toml(&self, name: &str, bucket: &str, endpoint: Option<&str>) -> String {
         format!(
@@ -139,7 +139,7 @@ impl Bucket {
         })
     }
 
-    /// Every key below `prefix` (raw keys; a marker `d/` is listed as `d/`).
+    /// Returns every key below `prefix`, sorted. `object_store` shows a marker `d/` as `d`.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         let store = self.space.store.clone();
         let mut keys: Vec<String> = runtime().block_on(async move {
@@ -294,7 +294,7 @@ pub fn is_mounted(path: &Path) -> bool {
     mounts.lines().any(|line| line.split_whitespace().nth(1) == Some(wanted.as_str()))
 }
 
-/// The errno of an I/O error, for assertions.
+/// Returns the errno of an I/O error, for assertions.
 pub fn errno_of(err: &std::io::Error) -> i32 {
     err.raw_os_error().unwrap_or_else(|| panic!("not an OS error: {err}"))
 }

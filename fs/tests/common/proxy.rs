@@ -61,12 +61,12 @@ impl FaultProxy {
         format!("http://{}", self.addr)
     }
 
-    /// Answers the next `count` requests with 503 SlowDown.
+    /// Fails the next `count` requests with 503 SlowDown.
     pub fn fail_next(&self, count: u32) {
         self.state.fail_next.store(count, Ordering::SeqCst);
     }
 
-    /// Answers every request with 503 SlowDown until switched off.
+    /// Fails every request with 503 SlowDown until switched off.
     pub fn fail_all(&self, on: bool) {
         self.state.fail_all.store(on, Ordering::SeqCst);
     }
