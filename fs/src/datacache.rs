@@ -56,8 +56,10 @@ pub struct DataCache {
 }
 
 impl DataCache {
-    /// Opens (and empties) the cache directory `dir`.
+    /// Opens (and empties) the cache directory `dir`. When `dir` is named `data-PID`,
+    /// sibling `data-PID` directories of processes that no longer run are removed too.
     pub fn open(dir: &Path, max_size_bytes: u64) -> std::io::Result<Self> {
+        remove_dead_siblings(dir);
         if dir.exists() {
             std::fs::remove_dir_all(dir)?;
         }
@@ -162,6 +164,25 @@ impl DataCache {
     }
 }
 
+/// Removes `data-PID` directories next to `dir` whose process is gone, so a daemon that
+/// was killed does not leave its blocks behind forever.
+fn remove_dead_siblings(dir: &Path) {
+    let pid_of = |path: &Path| -> Option<u32> { path.file_name()?.to_str()?.strip_prefix("data-")?.parse().ok() };
+    let (Some(own_pid), Some(parent)) = (pid_of(dir), dir.parent()) else { return };
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(pid) = pid_of(&path) else { continue };
+        if pid == own_pid || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!(dir = %path.display(), "removed the data cache of a process that no longer runs"),
+            Err(err) => tracing::warn!(dir = %path.display(), error = %err, "cannot remove a stale data cache"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,6 +216,18 @@ mod tests {
         cache.put(&BlockKey::new("s", "conf.txt", "etag-old", 0), b"value=38\n");
         assert!(cache.get(&BlockKey::new("s", "conf.txt", "etag-new", 0)).is_none());
         assert_eq!(&cache.get(&BlockKey::new("s", "conf.txt", "etag-old", 0)).unwrap()[..], b"value=38\n");
+    }
+
+    #[test]
+    fn open_removes_caches_of_dead_processes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dead = tmp.path().join(format!("data-{}", u32::MAX - 1));
+        let alive = tmp.path().join("data-1");
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::create_dir_all(&alive).unwrap();
+        let _cache = DataCache::open(&tmp.path().join(format!("data-{}", std::process::id())), 100).unwrap();
+        assert!(!dead.exists());
+        assert!(alive.exists(), "pid 1 runs");
     }
 
     #[test]
