@@ -171,7 +171,14 @@ impl ObjectReader {
         let mut out = BytesMut::with_capacity((end - offset) as usize);
         for (position, block) in wanted.into_iter().enumerate() {
             let index = first + position as u64;
-            let data = block.await?;
+            let data = match block.await {
+                Ok(data) => data,
+                Err(err) => {
+                    // Forget the failed block so that the next read retries it.
+                    self.lock().blocks.remove(&index);
+                    return Err(err);
+                }
+            };
             let block_start = index * BLOCK_BYTES;
             let from = offset.saturating_sub(block_start) as usize;
             let to = ((end - block_start) as usize).min(data.len());
@@ -329,6 +336,15 @@ mod tests {
         }
         drop(reader);
         assert_eq!(budget.available_blocks(), 4, "permits return when the reader closes");
+    }
+
+    #[tokio::test]
+    async fn failed_block_retried_on_next_read() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let reader = ObjectReader::new(Arc::clone(&store), "s", "late", None, 5, None, ReadBudget::new(1 << 20));
+        assert_eq!(reader.read(0, 5).await.unwrap_err().errno, libc::ENOENT);
+        store.put(&"late".into(), PutPayload::from_static(b"hello")).await.unwrap();
+        assert_eq!(&reader.read(0, 5).await.unwrap()[..], b"hello");
     }
 
     #[tokio::test]
