@@ -39,18 +39,29 @@ pub struct Harness {
     pub config_path: PathBuf,
     pub config: Config,
     pub slurm_conf: PathBuf,
+    pub slurm_conf_b: Option<PathBuf>,
     pub scratch_root: PathBuf,
     pub state_dir: PathBuf,
 }
 
 impl Harness {
     pub fn new(test: &str) -> Harness {
-        Harness::with_scratch_name(test, "scratch")
+        Harness::build(test, "scratch", false)
     }
 
     /// A harness whose scratch root is `<dir>/<scratch_name>` (which may contain spaces,
     /// quotes and `$`).
     pub fn with_scratch_name(test: &str, scratch_name: &str) -> Harness {
+        Harness::build(test, scratch_name, false)
+    }
+
+    /// A harness with clusters `a` and `b` of the stack (`scripts/stack.sh up
+    /// --two-clusters`); `a` is near `models` and `results`, `b` near `scratchspace`.
+    pub fn two_clusters(test: &str) -> Harness {
+        Harness::build(test, "scratch-a", true)
+    }
+
+    fn build(test: &str, scratch_name: &str, two_clusters: bool) -> Harness {
         let stack_config = PathBuf::from(required_env("DATANET_CONFIG"));
         let slurm_conf = PathBuf::from(required_env("DATANET_SLURM_CONF"));
         let text = std::fs::read_to_string(&stack_config)
@@ -76,11 +87,25 @@ impl Harness {
         let scratchspace = spaces["scratchspace"].as_table_mut().unwrap();
         scratchspace.insert("url".into(), format!("file://{}", local_space.display()).into());
 
-        let clusters = value["clusters"].as_table_mut().unwrap();
-        clusters.retain(|cluster, _| cluster == "a");
-        let cluster = clusters["a"].as_table_mut().unwrap();
-        cluster.insert("slurm_conf".into(), slurm_conf.display().to_string().into());
-        cluster.insert("scratch_root".into(), scratch_root.display().to_string().into());
+        let mut clusters = toml::Table::new();
+        let mut cluster_a = toml::Table::new();
+        cluster_a.insert("slurm_conf".into(), slurm_conf.display().to_string().into());
+        cluster_a.insert("scratch_root".into(), scratch_root.display().to_string().into());
+        cluster_a.insert("near_spaces".into(), vec!["models", "results"].into());
+        clusters.insert("a".into(), cluster_a.into());
+        let mut slurm_conf_b = None;
+        if two_clusters {
+            let conf_b = PathBuf::from(required_env("DATANET_SLURM_CONF_B"));
+            let scratch_b = dir.path().join("scratch-b");
+            std::fs::create_dir_all(&scratch_b).unwrap();
+            let mut cluster_b = toml::Table::new();
+            cluster_b.insert("slurm_conf".into(), conf_b.display().to_string().into());
+            cluster_b.insert("scratch_root".into(), scratch_b.display().to_string().into());
+            cluster_b.insert("near_spaces".into(), vec!["scratchspace"].into());
+            clusters.insert("b".into(), cluster_b.into());
+            slurm_conf_b = Some(conf_b);
+        }
+        value.insert("clusters".into(), clusters.into());
 
         let mut jobwrap = toml::Table::new();
         jobwrap.insert("state_dir".into(), state_dir.display().to_string().into());
@@ -98,9 +123,64 @@ impl Harness {
             config_path,
             config,
             slurm_conf,
+            slurm_conf_b,
             scratch_root,
             state_dir,
         }
+    }
+
+    /// Adds a cluster whose controller does not answer (a copy of cluster a's
+    /// `slurm.conf` pointing at a closed port).
+    pub fn add_unreachable_cluster(&mut self, name: &str) {
+        let text = std::fs::read_to_string(&self.slurm_conf).unwrap();
+        let broken: String = text
+            .lines()
+            .map(|line| if line.starts_with("SlurmctldPort=") { "SlurmctldPort=9".to_string() } else { line.to_string() })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let conf = self.dir.path().join(format!("{name}-slurm.conf"));
+        std::fs::write(&conf, broken + "\n").unwrap();
+        let scratch = self.dir.path().join(format!("scratch-{name}"));
+        std::fs::create_dir_all(&scratch).unwrap();
+
+        let mut value: toml::Table = std::fs::read_to_string(&self.config_path).unwrap().parse().unwrap();
+        let mut cluster = toml::Table::new();
+        cluster.insert("slurm_conf".into(), conf.display().to_string().into());
+        cluster.insert("scratch_root".into(), scratch.display().to_string().into());
+        cluster.insert("near_spaces".into(), vec!["models", "results", "scratchspace"].into());
+        value["clusters"].as_table_mut().unwrap().insert(name.into(), cluster.into());
+        std::fs::write(&self.config_path, toml::to_string(&value).unwrap()).unwrap();
+        self.config = Config::load(&self.config_path).unwrap();
+    }
+
+    pub fn delete(&self, space: &str, path: &str) {
+        let store = self.store(space);
+        block_on(store.delete(&ObjectPath::from(path))).unwrap();
+    }
+
+    /// The `slurm.conf` of a cluster of this harness.
+    pub fn slurm_conf_of(&self, cluster: &str) -> PathBuf {
+        match cluster {
+            "a" => self.slurm_conf.clone(),
+            "b" => self.slurm_conf_b.clone().expect("harness without cluster b"),
+            other => panic!("no cluster {other}"),
+        }
+    }
+
+    /// Slurm job ids and states with this harness's job name on one cluster.
+    pub fn slurm_jobs_on(&self, cluster: &str) -> Vec<(String, String)> {
+        let output = Command::new("squeue")
+            .env("SLURM_CONF", self.slurm_conf_of(cluster))
+            .args(["-h", "-t", "all", "-o", "%i|%T|%r", "--name"])
+            .arg(&self.name)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "squeue failed: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .filter_map(|line| line.split_once('|'))
+            .map(|(id, rest)| (id.trim().to_string(), rest.trim().to_string()))
+            .collect()
     }
 
     fn store(&self, space: &str) -> std::sync::Arc<dyn ObjectStore> {
@@ -207,6 +287,12 @@ impl Harness {
         String::from_utf8_lossy(&output.stdout).lines().map(|line| line.trim().to_string()).collect()
     }
 
+    pub fn scancel_on(&self, cluster: &str, job_id: &str) {
+        let conf = self.slurm_conf_of(cluster);
+        let status = Command::new("scancel").env("SLURM_CONF", conf).arg(job_id).status().unwrap();
+        assert!(status.success());
+    }
+
     pub fn scancel(&self, job_id: &str) {
         let status = Command::new("scancel").env("SLURM_CONF", &self.slurm_conf).arg(job_id).status().unwrap();
         assert!(status.success());
@@ -225,11 +311,9 @@ impl Harness {
 impl Drop for Harness {
     fn drop(&mut self) {
         // Cancel only the jobs this harness submitted (they carry its unique name).
-        let _ = Command::new("scancel")
-            .env("SLURM_CONF", &self.slurm_conf)
-            .arg("--name")
-            .arg(&self.name)
-            .status();
+        for conf in std::iter::once(&self.slurm_conf).chain(self.slurm_conf_b.iter()) {
+            let _ = Command::new("scancel").env("SLURM_CONF", conf).arg("--name").arg(&self.name).status();
+        }
     }
 }
 
