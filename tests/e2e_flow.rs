@@ -55,7 +55,7 @@ fn bucket_exists(stack: &Stack, bucket: &str) -> bool {
     output.status.success()
 }
 
-/// The value column of summary row LABEL (`LABEL   value`).
+/// Returns the value column of summary row LABEL (`LABEL   value`).
 fn summary_value<'a>(stderr: &'a str, label: &str) -> Option<&'a str> {
     stderr
         .lines()

@@ -2,10 +2,10 @@
 """Compare a CalculiX .dat file with its reference, as CalculiX's own test suite does.
 
 CalculiX's `compare` script and `datcheck.pl` (shipped in calculix-ccx-test) accept a
-result when both files have the same number of lines, the result contains no NaN, and
-every real number (a token with a decimal point) differs from the reference by at most
-0.1 % of the largest absolute real number in its block. Blocks are separated by blank
-lines. This comparer applies the same rules, and it also requires every other token
+result under three conditions. Both files have the same number of lines, and the
+result contains no NaN. Every real number (a token with a decimal point) differs from
+the reference by at most 0.1 % of the largest absolute real number in its block, where
+blank lines separate the blocks. This comparer applies the same rules, and it also requires every other token
 (words, node and element numbers) to match exactly. A small absolute tolerance is
 added, for values that are zero up to rounding. Numbers in "participation factors"
 blocks are not compared, because they depend on the cyclic sector (as in

@@ -2,10 +2,12 @@
 # Runs the flow's steps: one line per step with its time on standard error, the
 # commands' own output in $LOG, and the summary table at the end. Sourced by flow.sh.
 #
-# A step that fails stops the flow; a check that fails is reported and the flow goes
-# on, so one bad result does not hide the others. Either makes the exit code non-zero.
+# A step that fails stops the flow. A check that fails is reported and the flow goes
+# on, so that one bad result does not hide the others. Either makes the exit code
+# non-zero.
 
 FAILED_STEPS=0
+STAGE_PID=
 STARTED_MS=$(($(date +%s%N) / 1000000))
 
 # Counters for the summary. Stages run in a subshell, so they add "KEY VALUE" lines to
@@ -36,7 +38,9 @@ run_step() {
     # a function called from a `||` list, even in a subshell. So every command of a
     # stage that fails also fails the stage.
     "$@" >>"$LOG" 2>&1 &
-    wait $! || rc=$?
+    STAGE_PID=$!
+    wait "$STAGE_PID" || rc=$?
+    STAGE_PID=
     local elapsed
     elapsed=$(format_elapsed $(($(date +%s%N) / 1000000 - started_ms)))
     if ((rc == 0)); then
@@ -89,9 +93,20 @@ print_summary() {
     } >&2
 }
 
+# Stops the stage that an interrupt left running, so that the teardown does not race it.
+stop_running_stage() {
+    if [[ -n $STAGE_PID ]] && kill -0 "$STAGE_PID" 2>/dev/null; then
+        echo "interrupted: stopping the running step (pid $STAGE_PID)" >&2
+        kill -TERM "$STAGE_PID" 2>/dev/null || true
+        wait "$STAGE_PID" 2>/dev/null || true
+    fi
+    STAGE_PID=
+}
+
 finish() {
     local rc=$?
     trap - EXIT
+    stop_running_stage
     if ((KEEP)); then
         printf '%-52s %s\n' "tear down" "skipped (--keep): $MOUNTPOINT and $WORK stay" >&2
     else

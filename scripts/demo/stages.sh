@@ -28,8 +28,8 @@ configure() {
 }
 
 # Two backends: models and results are Garage buckets, meshes is a local directory.
-# The SMB share's file access runs as root (force user), the owner of the files that
-# the mount shows; a site would use a service account that owns its spaces.
+# File access on the SMB share runs as root (force user), because root owns the files
+# that the mount shows. A site would use a service account that owns its spaces.
 write_config() {
     local space bucket
     {
