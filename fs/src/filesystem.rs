@@ -18,6 +18,7 @@ use object_store::ObjectStoreExt;
 use crate::config::Config;
 use crate::datacache::DataCache;
 use crate::dirmeta::DirMeta;
+use crate::journal::{Journal, JournalSettings, JournalSpace};
 use crate::error::{FsError, FsResult};
 use crate::inode::{space_root_ino, InodeTable, Kind, Target, ROOT_INO};
 use crate::metacache::{DirEntry, Entry, FileStat, MetaCache};
@@ -116,6 +117,9 @@ pub struct DatanetFs {
     mount_time: SystemTime,
     staging: StagingSettings,
     upload: UploadSettings,
+    /// The write-back journal. Always open, so that entries left by an earlier process
+    /// are uploaded; files are recorded in it only when `cache.write_back_delay` > 0.
+    journal: Arc<Journal>,
     files: Mutex<HashMap<u64, OpenFile>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     writers: Mutex<HashMap<u64, Arc<Writer>>>,
@@ -152,7 +156,10 @@ impl DatanetFs {
             None
         };
 
+        let journal = open_journal(config, &spaces)?;
+
         Ok(DatanetFs {
+            journal,
             inodes: InodeTable::new(spaces.len()),
             spaces,
             meta: MetaCache::new(cache.metadata_ttl),
@@ -683,7 +690,14 @@ impl DatanetFs {
             return Ok(()); // forgotten and detached: nothing to store
         };
         let handle = &self.spaces[space];
+        if !self.journal.delay().is_zero() {
+            if writer.record(&self.journal, handle.name(), &key).await? {
+                self.meta.remove_listing(space, split_key(&key).0);
+            }
+            return Ok(());
+        }
         if let Some(stat) = writer.upload(handle, &handle.meta_target, &key, &self.upload).await? {
+            self.meta.forget_meta(space, &key);
             self.meta.insert_entry(space, &key, Entry::File(stat));
             self.meta.remove_listing(space, split_key(&key).0);
         }
@@ -697,7 +711,10 @@ impl DatanetFs {
         if let Some(writer) = &file.writer {
             result = self.upload(file.ino, file.space, writer).await;
             let still_open = lock(&self.files).values().any(|f| f.ino == file.ino && f.writer.is_some());
-            if !still_open && result.is_ok() {
+            // A writer whose content waits in the journal keeps serving reads and
+            // attributes until the upload is done (see `start_write_back`).
+            let pending = !writer.is_unlinked() && self.journal_pending(file.ino, file.space).await;
+            if !still_open && !pending && result.is_ok() {
                 lock(&self.writers).remove(&file.ino);
             }
         }
@@ -754,6 +771,7 @@ impl DatanetFs {
             .upload(handle, &handle.meta_target, &key, &self.upload)
             .await?
             .ok_or_else(|| FsError::io("symlink upload skipped"))?;
+        self.meta.forget_meta(space, &key);
         let entry = Entry::File(stat);
         self.meta.insert_entry(space, &key, entry.clone());
         self.meta.remove_listing(space, &dir);
@@ -779,6 +797,8 @@ impl DatanetFs {
         if let Some(writer) = &pending {
             writer.mark_unlinked();
         }
+        // Content waiting in the write-back journal must never reach the store now.
+        self.journal.forget(handle.name(), &object_path(&key)?).await;
         if let Some(path) = handle.local_path(&key) {
             // The local store's delete also removes emptied parent directories, which
             // would make the directory vanish; remove the file alone.
@@ -796,6 +816,7 @@ impl DatanetFs {
         }
 
         self.inodes.unlink(space, &key);
+        self.meta.forget_meta(space, &key);
         self.meta.insert_entry(space, &key, Entry::Missing);
         self.meta.remove_listing(space, &dir);
         namespace::keep_dir(handle, &dir).await
@@ -901,9 +922,16 @@ impl DatanetFs {
 
         let from_path = object_path(from)?;
         let to_path = object_path(to)?;
-        crate::upload::rename_object(&handle.space, &from_path, &to_path, &self.upload)
-            .await
-            .map_err(|err| FsError::new(err.errno(), format!("rename {} to {to}: {err}", handle.describe(from))))?;
+        // Pending journal entries move first and wait until the store rename is done, so
+        // an older stored version never overwrites newer pending content.
+        let pending = self.journal.rename(handle.name(), &from_path, &to_path).await.map_err(journal_error)?;
+        match crate::upload::rename_object(&handle.space, &from_path, &to_path, &self.upload).await {
+            Ok(()) => {}
+            // The content exists only in the journal so far.
+            Err(crate::upload::UploadError::Store(object_store::Error::NotFound { .. })) if pending.renamed > 0 => {}
+            Err(err) => return Err(FsError::new(err.errno(), format!("rename {} to {to}: {err}", handle.describe(from)))),
+        }
+        drop(pending);
 
         if let Some(ino) = ino {
             let new_etag = match namespace::head_file(handle, to).await {
@@ -921,6 +949,11 @@ impl DatanetFs {
 
     async fn rename_dir(&self, space: usize, from: &str, to: &str) -> FsResult<()> {
         let handle = &self.spaces[space];
+        let _pending = self
+            .journal
+            .rename(handle.name(), &object_path(from)?, &object_path(to)?)
+            .await
+            .map_err(journal_error)?;
         if let (Some(from_path), Some(to_path)) = (handle.local_path(from), handle.local_path(to)) {
             return tokio::fs::rename(&from_path, &to_path)
                 .await
@@ -1013,6 +1046,9 @@ impl DatanetFs {
                     let result = self.upload(ino, space, &writer).await;
                     lock(&self.writers).remove(&ino);
                     result?;
+                } else if !self.has_open_writer(ino) {
+                    // A closed file whose content waits in the journal: record the change too.
+                    self.upload(ino, space, &writer).await?;
                 }
             }
             None => {
@@ -1026,6 +1062,7 @@ impl DatanetFs {
                 crate::posix_meta::write_meta(&handle.space, &handle.meta_target, &path, &meta, &self.upload)
                     .await
                     .map_err(|err| FsError::io(format!("{}: cannot store metadata: {err}", handle.describe(&key))))?;
+                self.meta.forget_meta(space, &key);
                 self.meta.remove_entry(space, &key);
                 self.meta.remove_listing(space, split_key(&key).0);
             }
@@ -1065,16 +1102,64 @@ impl DatanetFs {
         }
     }
 
+    /// True when some handle has `ino` open for writing.
+    fn has_open_writer(&self, ino: u64) -> bool {
+        lock(&self.files).values().any(|f| f.ino == ino && f.writer.is_some())
+    }
+
+    /// True when the write-back journal holds content for the key of `ino`.
+    async fn journal_pending(&self, ino: u64, space: usize) -> bool {
+        let Some(Target::Entry { key, .. }) = self.inodes.target(ino) else { return false };
+        let Ok(path) = object_path(&key) else { return false };
+        self.journal.pending(self.spaces[space].name(), &path).await.is_some()
+    }
+
+    /// Starts the task that drops the writer of a closed file once the journal has
+    /// uploaded it, so that later reads go to the store again. Call once after mounting.
+    pub fn start_write_back(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        let mut uploaded = self.journal.subscribe_uploaded();
+        tokio::spawn(async move {
+            loop {
+                let (space_name, path) = match uploaded.recv().await {
+                    Ok(event) => event,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::warn!(missed, "missed write-back upload events; their writers stay until unmount");
+                        continue;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(fs) = weak.upgrade() else { return };
+                fs.writer_uploaded(&space_name, &path).await;
+            }
+        });
+    }
+
+    async fn writer_uploaded(&self, space_name: &str, path: &object_store::path::Path) {
+        let Some(space) = self.spaces.iter().position(|s| s.name() == space_name) else { return };
+        let key = path.as_ref();
+        self.meta.forget_meta(space, key);
+        self.meta.remove_entry(space, key);
+        self.meta.remove_listing(space, split_key(key).0);
+
+        let Some(ino) = self.inodes.peek(space, key) else { return };
+        let Some(writer) = self.writer_of(ino) else { return };
+        if self.has_open_writer(ino) || writer.is_dirty() || self.journal.pending(space_name, path).await.is_some() {
+            return;
+        }
+        lock(&self.writers).remove(&ino);
+    }
+
     /// Uploads every file that still has changes (used at unmount).
     pub async fn flush_all(&self) -> FsResult<()> {
+        // Writers of closed files count too: a close whose upload failed keeps its writer.
         let pending: Vec<(u64, usize, Arc<Writer>)> = {
-            let files = lock(&self.files);
             let writers = lock(&self.writers);
             writers
                 .iter()
-                .filter_map(|(ino, writer)| {
-                    let space = files.values().find(|f| f.ino == *ino)?.space;
-                    Some((*ino, space, Arc::clone(writer)))
+                .filter_map(|(ino, writer)| match self.inodes.target(*ino)? {
+                    Target::Entry { space, .. } => Some((*ino, space, Arc::clone(writer))),
+                    Target::Root => None,
                 })
                 .collect()
         };
@@ -1090,6 +1175,13 @@ impl DatanetFs {
                     first_error = Err(err);
                 }
             }
+        }
+
+        let left = self.journal.flush(UNMOUNT_UPLOAD_WAIT).await;
+        if left > 0 && first_error.is_ok() {
+            first_error = Err(FsError::io(format!(
+                "{left} write-back uploads did not finish within {UNMOUNT_UPLOAD_WAIT:?}; they stay in the journal and resume on the next mount"
+            )));
         }
         first_error
     }
@@ -1140,4 +1232,27 @@ fn synthetic_ino(space: usize, key: &str) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     (space, key).hash(&mut hasher);
     hasher.finish() | (1 << 63)
+}
+
+/// How long unmount waits for write-back uploads before leaving them in the journal.
+const UNMOUNT_UPLOAD_WAIT: Duration = Duration::from_secs(300);
+
+fn journal_error(err: crate::journal::JournalError) -> FsError {
+    FsError::new(err.errno(), err.to_string())
+}
+
+/// Opens the write-back journal below `cache.dir`; the uploader starts at once, so
+/// entries left by an earlier process (a crash, or a mount with a delay) are uploaded.
+fn open_journal(config: &Config, spaces: &[Arc<SpaceHandle>]) -> FsResult<Arc<Journal>> {
+    let targets = spaces
+        .iter()
+        .map(|handle| {
+            let space = JournalSpace { space: handle.space.clone(), target: handle.meta_target.clone() };
+            (handle.name().to_string(), space)
+        })
+        .collect();
+    let settings = JournalSettings::new(config.cache.dir.join("journal"), config.cache.write_back_delay);
+    let journal = Journal::open(settings, targets, UploadSettings::default()).map_err(journal_error)?;
+    journal.spawn_uploader();
+    Ok(journal)
 }

@@ -121,6 +121,8 @@ pub struct Journal {
     wake: Notify,
     /// Signalled whenever an entry leaves the journal.
     drained: Notify,
+    /// Space and path of every finished upload, for callers that keep state until then.
+    uploaded: tokio::sync::broadcast::Sender<(String, ObjectPath)>,
 }
 
 /// Entries of a rename, held so that they cannot be uploaded until the caller has
@@ -167,11 +169,18 @@ impl Journal {
             next_id: AtomicU64::new(clock_id.max(max_id + 1)),
             wake: Notify::new(),
             drained: Notify::new(),
+            uploaded: tokio::sync::broadcast::channel(1024).0,
         }))
     }
 
     pub fn delay(&self) -> Duration {
         self.settings.delay
+    }
+
+    /// Receives the space and path of each upload that completes from now on. A slow
+    /// receiver misses events (`RecvError::Lagged`) rather than blocking uploads.
+    pub fn subscribe_uploaded(&self) -> tokio::sync::broadcast::Receiver<(String, ObjectPath)> {
+        self.uploaded.subscribe()
     }
 
     /// Starts the task that uploads due entries. It runs until the runtime stops.
@@ -296,19 +305,18 @@ impl Journal {
     pub async fn rename(&self, space: &str, from: &ObjectPath, to: &ObjectPath) -> Result<RenameGuard, JournalError> {
         let mut entries = self.entries.lock().await;
 
-        // An entry already at the destination is replaced by the renamed one, as the
-        // destination object is.
+        // Pending content at the destination is replaced, as the destination object is;
+        // uploading it later would overwrite the renamed file.
+        let replaced = self.take_entries(&mut entries, |r| r.space == space && r.path == to.as_ref()).await;
+        for record in replaced {
+            self.remove_files(record.id);
+        }
+
         let moving: Vec<u64> = entries
             .values()
             .filter(|e| e.record.space == space && renamed_path(&e.record.path, from.as_ref(), to.as_ref()).is_some())
             .map(|e| e.record.id)
             .collect();
-        if !moving.is_empty() {
-            let replaced = self.take_entries(&mut entries, |r| r.space == space && r.path == to.as_ref()).await;
-            for record in replaced {
-                self.remove_files(record.id);
-            }
-        }
 
         let mut locks = Vec::new();
         for id in &moving {
@@ -426,6 +434,8 @@ impl Journal {
                 drop(entries);
                 tracing::info!(space = %record.space, path = %record.path, size = record.size_bytes, "write-back upload done");
                 self.drained.notify_waiters();
+                let path = ObjectPath::parse(&record.path).unwrap_or_else(|_| ObjectPath::from(record.path.as_str()));
+                let _ = self.uploaded.send((record.space.clone(), path));
             }
             Err(err) => {
                 entry.attempts += 1;

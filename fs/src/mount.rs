@@ -125,7 +125,11 @@ pub fn run(
     let fs = {
         let _guard = runtime.enter();
         match DatanetFs::new(&config) {
-            Ok(fs) => Arc::new(fs),
+            Ok(fs) => {
+                let fs = Arc::new(fs);
+                fs.start_write_back();
+                fs
+            }
             Err(err) => {
                 let err = MountError::Filesystem(err.to_string());
                 ready(Err(err.to_string()));

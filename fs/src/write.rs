@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use crate::error::{FsError, FsResult};
+use crate::journal::Journal;
 use crate::metacache::FileStat;
 use crate::namespace::{object_path, SpaceHandle};
 use crate::posix_meta::{MetaTarget, PosixMeta};
@@ -138,5 +139,34 @@ impl Writer {
             etag: put.e_tag,
             meta: Some(Arc::new(meta)),
         }))
+    }
+
+    /// Records the file in the write-back journal when it has changes, and returns once
+    /// the content is durable on local disk; the journal uploads it after its delay.
+    /// Returns whether anything was recorded.
+    pub async fn record(&self, journal: &Journal, space: &str, key: &str) -> FsResult<bool> {
+        let _serialized = self.upload_lock.lock().await;
+        if !self.is_dirty() || self.is_unlinked() {
+            return Ok(false);
+        }
+
+        // The upload happens later, so the store's time would not be the close time.
+        if self.meta().mtime.is_none() {
+            self.update_meta(|meta| meta.mtime = Some(SystemTime::now()));
+        }
+        let frozen = self.staging.freeze().await.map_err(staging_error)?;
+        let meta_was_dirty = self.meta_dirty.swap(false, Ordering::SeqCst);
+        let meta = self.meta();
+        let path = object_path(key)?;
+
+        if let Err(err) = journal.record(space, &path, &frozen, self.staging.path(), false, &meta).await {
+            if meta_was_dirty {
+                self.meta_dirty.store(true, Ordering::SeqCst);
+            }
+            tracing::error!(space, key, error = %err, "cannot record in the write-back journal; the file stays dirty");
+            return Err(FsError::new(err.errno(), format!("{space}/{key}: cannot record in the write-back journal: {err}")));
+        }
+        self.staging.mark_uploaded(&frozen);
+        Ok(true)
     }
 }

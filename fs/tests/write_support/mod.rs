@@ -164,8 +164,28 @@ impl PrivateGarage {
         self.garage.endpoint.rsplit(':').next().unwrap().parse().unwrap()
     }
 
+    /// Stops the server abruptly (SIGKILL), as a crash or a network cut would: a graceful
+    /// stop keeps answering on open connections for a while.
     pub fn stop(&self) {
-        self.run("stop", self.port());
+        let pid_file = self.garage.run_dir.join("pids/garage.pid");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .unwrap_or_else(|err| panic!("cannot read {}: {err}", pid_file.display()))
+            .trim()
+            .parse()
+            .expect("pid in the pid file");
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let config = self.garage.config.to_string_lossy().to_string();
+        assert!(
+            String::from_utf8_lossy(&cmdline).contains(&config),
+            "pid {pid} is not the private Garage of {config}"
+        );
+        // SAFETY: kill(2) on the pid of the Garage this test started, checked above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port())).is_ok() {
+            assert!(std::time::Instant::now() < deadline, "Garage still answers after SIGKILL");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
     }
 
     pub fn restart(&self) {
