@@ -1102,6 +1102,107 @@ impl DatanetFs {
         }
     }
 
+    // -- extended attributes ------------------------------------------------------------
+
+    /// The space, key, kind and stored metadata of `ino`; `None` for the mount root and
+    /// the space roots, which have no extended attributes.
+    async fn xattr_source(&self, ino: u64) -> FsResult<Option<(usize, String, Kind, PosixMeta)>> {
+        let Target::Entry { space, key, kind } = self.target(ino)? else { return Ok(None) };
+        if key.is_empty() {
+            return Ok(None);
+        }
+        let handle = &self.spaces[space];
+        let meta = if kind == Kind::Dir {
+            match handle.local_path(&key) {
+                Some(path) => crate::posix_meta::read_local_dir_meta(&path)
+                    .map_err(|err| FsError::from_io(err, &handle.describe(&key)))?,
+                None => self.dir_meta.get(handle, space, &key).await,
+            }
+        } else if let Some(writer) = self.writer_of(ino) {
+            writer.meta()
+        } else {
+            match self.entry(space, &key, true).await? {
+                Entry::File(stat) => stat.meta.as_deref().cloned().unwrap_or_default(),
+                _ => return Err(FsError::not_found(handle.describe(&key))),
+            }
+        };
+        Ok(Some((space, key, kind, meta)))
+    }
+
+    /// The value of extended attribute `name`. Only `user.*` attributes exist.
+    pub async fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+        let name = name.to_str().unwrap_or_default();
+        let not_found = || FsError::new(libc::ENODATA, format!("no extended attribute {name:?}"));
+        if !name.starts_with("user.") {
+            return Err(not_found());
+        }
+        let Some((_, _, _, meta)) = self.xattr_source(ino).await? else { return Err(not_found()) };
+        meta.get_xattr(name).map(<[u8]>::to_vec).map_err(xattr_error)
+    }
+
+    /// Names of the extended attributes, each followed by a NUL byte.
+    pub async fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
+        Ok(match self.xattr_source(ino).await? {
+            Some((_, _, _, meta)) => meta.list_xattrs(),
+            None => Vec::new(),
+        })
+    }
+
+    pub async fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        let name = name
+            .to_str()
+            .ok_or_else(|| FsError::new(libc::EINVAL, format!("extended attribute name {name:?} is not UTF-8")))?;
+        let mode = crate::posix_meta::XattrSetMode::from_flags(flags);
+        self.change_xattrs(ino, |meta| meta.set_xattr(name, value, mode)).await
+    }
+
+    pub async fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        let name = name.to_str().unwrap_or_default();
+        self.change_xattrs(ino, |meta| meta.remove_xattr(name)).await
+    }
+
+    /// Applies `change` to the extended attributes of `ino` and stores them: with the
+    /// next upload of a file being written, on the marker of an S3 directory, or by
+    /// rewriting the object's metadata.
+    async fn change_xattrs(
+        &self,
+        ino: u64,
+        change: impl FnOnce(&mut PosixMeta) -> Result<(), crate::posix_meta::XattrError>,
+    ) -> FsResult<()> {
+        let unsupported = || FsError::new(libc::EOPNOTSUPP, format!("inode {ino} cannot store extended attributes"));
+        let Some((space, key, kind, mut meta)) = self.xattr_source(ino).await? else { return Err(unsupported()) };
+        self.check_writable(space)?;
+        change(&mut meta).map_err(xattr_error)?;
+        let handle = &self.spaces[space];
+
+        if kind == Kind::Dir {
+            return match handle.local_path(&key) {
+                Some(path) => crate::posix_meta::write_local_dir_meta(&path, &meta)
+                    .map_err(|err| FsError::from_io(err, &handle.describe(&key))),
+                None if handle.markers.is_some() => self.dir_meta.set(handle, space, &key, &meta).await,
+                None => Err(unsupported()),
+            };
+        }
+
+        if let Some(writer) = self.writer_of(ino) {
+            let xattrs = meta.xattrs;
+            writer.update_meta(|stored| stored.xattrs = xattrs);
+            if !self.has_open_writer(ino) {
+                self.upload(ino, space, &writer).await?;
+            }
+            return Ok(());
+        }
+
+        let path = object_path(&key)?;
+        crate::posix_meta::write_meta(&handle.space, &handle.meta_target, &path, &meta, &self.upload)
+            .await
+            .map_err(|err| FsError::io(format!("{}: cannot store extended attributes: {err}", handle.describe(&key))))?;
+        self.meta.forget_meta(space, &key);
+        self.meta.remove_entry(space, &key);
+        self.meta.remove_listing(space, split_key(&key).0);
+        Ok(())
+    }
+
     /// True when some handle has `ino` open for writing.
     fn has_open_writer(&self, ino: u64) -> bool {
         lock(&self.files).values().any(|f| f.ino == ino && f.writer.is_some())
@@ -1255,4 +1356,8 @@ fn open_journal(config: &Config, spaces: &[Arc<SpaceHandle>]) -> FsResult<Arc<Jo
     let journal = Journal::open(settings, targets, UploadSettings::default()).map_err(journal_error)?;
     journal.spawn_uploader();
     Ok(journal)
+}
+
+fn xattr_error(err: crate::posix_meta::XattrError) -> FsError {
+    FsError::new(err.errno(), err.to_string())
 }

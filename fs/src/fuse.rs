@@ -391,16 +391,57 @@ impl Filesystem for FuseAdapter {
         );
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        reply.error(Errno::from_i32(libc::ENODATA));
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let fs = Arc::clone(&self.fs);
+        let name = name.to_os_string();
+        self.spawn("getxattr", req, ino.0, async move {
+            match fs.getxattr(ino.0, &name).await {
+                Ok(value) => reply_xattr(reply, size, &value),
+                Err(err) => reply.error(errno(&err)),
+            }
+        });
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let fs = Arc::clone(&self.fs);
+        self.spawn("listxattr", req, ino.0, async move {
+            match fs.listxattr(ino.0).await {
+                Ok(names) => reply_xattr(reply, size, &names),
+                Err(err) => reply.error(errno(&err)),
+            }
+        });
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let fs = Arc::clone(&self.fs);
+        let name = name.to_os_string();
+        let value = value.to_vec();
+        self.spawn("setxattr", req, ino.0, async move {
+            match fs.setxattr(ino.0, &name, &value, flags).await {
+                Ok(()) => reply.ok(),
+                Err(err) => reply.error(errno(&err)),
+            }
+        });
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let fs = Arc::clone(&self.fs);
+        let name = name.to_os_string();
+        self.spawn("removexattr", req, ino.0, async move {
+            match fs.removexattr(ino.0, &name).await {
+                Ok(()) => reply.ok(),
+                Err(err) => reply.error(errno(&err)),
+            }
+        });
     }
 
     fn create(
@@ -428,5 +469,17 @@ impl Filesystem for FuseAdapter {
                 Err(err) => reply.error(errno(&err)),
             }
         });
+    }
+}
+
+/// Answers a getxattr or listxattr request: the size when `size` is 0, ERANGE when the
+/// value does not fit in `size` bytes, the value otherwise.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(value);
     }
 }

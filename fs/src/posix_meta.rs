@@ -453,6 +453,23 @@ pub async fn write_meta(
     Ok(())
 }
 
+/// Reads the metadata kept in [`LOCAL_XATTR`] of a directory of a local space.
+pub fn read_local_dir_meta(dir: &std::path::Path) -> std::io::Result<PosixMeta> {
+    read_local_meta(dir)
+}
+
+/// Stores the extended attributes of `meta` in [`LOCAL_XATTR`] of a directory of a local
+/// space; mode and mtime live on the directory itself.
+pub fn write_local_dir_meta(dir: &std::path::Path, meta: &PosixMeta) -> std::io::Result<()> {
+    let only_xattrs = PosixMeta { xattrs: meta.xattrs.clone(), ..PosixMeta::default() };
+    let map = only_xattrs.to_map();
+    if map.is_empty() {
+        return local_xattr::remove(dir, LOCAL_XATTR);
+    }
+    let json = serde_json::to_vec(&map).expect("a map of strings always serializes");
+    local_xattr::set(dir, LOCAL_XATTR, &json)
+}
+
 fn read_local_meta(file: &std::path::Path) -> std::io::Result<PosixMeta> {
     let Some(raw) = local_xattr::get(file, LOCAL_XATTR)? else {
         return Ok(PosixMeta::default());

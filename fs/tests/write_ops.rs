@@ -237,3 +237,40 @@ fn cp_p_preserves_mtime() {
     m.remount();
     assert_eq!(std::fs::metadata(m.path("old")).unwrap().mtime(), 1_000_000_000);
 }
+
+#[test]
+fn user_xattrs_persisted() {
+    write_support::mount::require_tool("setfattr");
+    let mut m = mount("xattr");
+    let dir = m.path("");
+    sh(&dir, "echo x > f; mkdir d");
+    // Samba stores DOS attributes as a binary user.DOSATTRIB value.
+    sh(&dir, "setfattr -n user.DOSATTRIB -v 0x00000400040000000000000000 f; \
+              setfattr -n user.note -v 'hello world' f; setfattr -n user.DOSATTRIB -v 0x0010 d");
+    let file = std::fs::File::options().write(true).open(m.path("f")).unwrap();
+    drop(file);
+
+    m.remount();
+    assert_eq!(sh(&dir, "getfattr --only-values -n user.note f"), "hello world");
+    assert_eq!(sh(&dir, "getfattr -e hex -n user.DOSATTRIB f | grep ^user"), "user.DOSATTRIB=0x00000400040000000000000000\n");
+    assert_eq!(sh(&dir, "getfattr -e hex -n user.DOSATTRIB d | grep ^user"), "user.DOSATTRIB=0x0010\n");
+    assert_eq!(sh(&dir, "getfattr --absolute-names -d -m - f | grep -c '^user\\.'"), "2\n");
+    assert_eq!(std::fs::read(m.path("f")).unwrap(), b"x\n");
+
+    sh(&dir, "setfattr -x user.note f");
+    let (code, _, stderr) = write_support::mount::sh_status(&dir, "getfattr -n user.note f");
+    assert_ne!(code, 0);
+    assert!(stderr.contains("No such attribute"), "{stderr}");
+    let (code, _, stderr) = write_support::mount::sh_status(&dir, "setfattr -n trusted.x -v 1 f");
+    assert_ne!(code, 0);
+    assert!(stderr.contains("not supported"), "{stderr}");
+
+    // Attributes set while the file is open go out with its upload.
+    let mut open = std::fs::File::create(m.path("g")).unwrap();
+    sh(&dir, "setfattr -n user.open -v yes g");
+    open.write_all(b"content").unwrap();
+    drop(open);
+    m.remount();
+    assert_eq!(sh(&dir, "getfattr --only-values -n user.open g"), "yes");
+    assert_eq!(std::fs::read(m.path("g")).unwrap(), b"content");
+}
