@@ -49,9 +49,17 @@ enum Command {
 /// arena, and freed read-ahead blocks then stay resident in many of them.
 const MALLOC_ARENAS: i32 = 2;
 
+/// Allocations from this size on get their own mapping, returned to the system when
+/// freed. Setting it also stops glibc from raising the threshold after the first free
+/// of a read-ahead block, which would move all later blocks into the arenas.
+const MALLOC_MMAP_THRESHOLD_BYTES: i32 = 256 << 10;
+
 fn main() {
     // SAFETY: called before any thread exists; mallopt only tunes the allocator.
-    unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) };
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Mount { config, foreground, options, log_file, mountpoint } => {
