@@ -28,7 +28,7 @@ pub struct DataFlags {
     pub cluster: Option<String>,
 }
 
-/// Where a flag was written, for error messages.
+/// The place a flag was written, for error messages.
 #[derive(Debug, Clone, Copy)]
 pub enum Origin<'a> {
     CommandLine,

@@ -294,7 +294,7 @@ impl Jobwrap {
             let concurrency = self.config.jobwrap.transfer_concurrency;
             let workdir = record.workdir.clone();
             let mut stream =
-                std::pin::pin!(stage_in::download_all(&spaces, &files, pending, &workdir, owner, concurrency, Arc::clone(&progress)));
+                Box::pin(stage_in::download_all(&spaces, &files, pending, &workdir, owner, concurrency, Arc::clone(&progress)));
 
             let mut failures = Vec::new();
             let mut last_save = Instant::now();

@@ -31,7 +31,7 @@ pub struct InputFile {
     pub done: bool,
     /// Checksum of the bytes written, computed while downloading.
     pub sha256: Option<String>,
-    /// What was compared: `size`, or `size+md5` when the ETag is an MD5.
+    /// Checks that passed: `size`, or `size+md5` when the ETag is an MD5.
     pub verified: Option<String>,
 }
 
@@ -48,7 +48,7 @@ pub struct OutputFile {
     pub from_failed_job: bool,
 }
 
-/// How Slurm placed and ran the job, as far as jobwrap observed it.
+/// Slurm's view of the job, as far as jobwrap observed it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SlurmRecord {
     pub job_id: Option<String>,
@@ -59,7 +59,7 @@ pub struct SlurmRecord {
     pub time_limit_seconds: Option<u64>,
     pub stdout: Option<PathBuf>,
     pub stderr: Option<PathBuf>,
-    /// Where the final state came from: `scontrol`, `sacct` or `exit-status file`.
+    /// Source of the final state: `scontrol`, `sacct` or `exit-status file`.
     pub verdict_source: Option<String>,
 }
 

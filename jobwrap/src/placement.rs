@@ -2,7 +2,7 @@
 //!
 //! Every configured cluster is asked at once, with a deadline, for its nodes (`sinfo
 //! --json`: CPUs and memory, total and allocated) and its pending work (`squeue -t PD`).
-//! A cluster that does not answer in time is skipped with a warning. Clusters whose
+//! A cluster that does not respond in time is skipped with a warning. Clusters whose
 //! largest node cannot hold the request are filtered out. The rest are ranked: a
 //! cluster with idle CPUs and memory for the request and no pending jobs first, then by
 //! the CPU demand queued ahead of the job relative to the cluster's size. Ties go to
@@ -18,10 +18,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::sbatch_options::{option_value, SbatchOption};
 
-/// How long a cluster may take to answer before it is skipped.
+/// Maximum time a cluster may take to respond before it is skipped.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The resources a job asks for.
+/// The resources a job requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Request {
     pub cpus: u64,
@@ -62,7 +62,7 @@ pub fn parse_memory_mb(text: &str) -> Option<u64> {
     Some((value * factor).ceil() as u64)
 }
 
-/// What one cluster reported.
+/// Load figures reported by one cluster.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterLoad {
     pub cluster: String,
@@ -76,7 +76,7 @@ pub struct ClusterLoad {
     pub pending_cpus: u64,
 }
 
-/// A cluster's answer, or why it has none.
+/// A cluster's load, or the reason it has none.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     pub cluster: String,
@@ -95,7 +95,7 @@ pub struct Placement {
     pub candidates: Vec<Candidate>,
 }
 
-/// Asks every cluster for its load at once; each answer has its own deadline.
+/// Queries every cluster's load at once, each with its own deadline.
 pub fn survey(clusters: &[ClusterConfig]) -> Vec<(String, Result<ClusterLoad, String>)> {
     let handles: Vec<_> = clusters
         .iter()
@@ -126,7 +126,7 @@ pub fn choose(
                 near_input_bytes,
             }),
             Err(error) => {
-                tracing::warn!(cluster = %name, %error, "cluster did not answer; skipped");
+                tracing::warn!(cluster = %name, %error, "cluster did not respond; skipped");
                 eprintln!("jobwrap: warning: cluster {name} skipped: {error}");
                 candidates.push(Candidate {
                     cluster: name,
@@ -140,7 +140,7 @@ pub fn choose(
     rank(candidates, request)
 }
 
-/// Ranks the answers; separate from [`choose`] so the rules can be tested without Slurm.
+/// Ranks the candidates. It is separate from [`choose`] so the rules can be tested without Slurm.
 pub fn rank(candidates: Vec<Candidate>, request: Request) -> Result<Placement, String> {
     let fits = |load: &ClusterLoad| {
         load.largest_node_cpus >= request.cpus && (request.memory_mb == 0 || load.largest_node_memory_mb >= request.memory_mb)
@@ -249,7 +249,7 @@ fn run_with_deadline(cluster: &ClusterConfig, program: &str, args: &[&str], dead
         .spawn()
         .map_err(|err| format!("cannot run {program}: {err}"))?;
 
-    // Read the pipes on their own threads so a large answer cannot block the child.
+    // Read the pipes on their own threads so a large output cannot fill a pipe and block the child.
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let out_reader = std::thread::spawn(move || {

@@ -16,7 +16,7 @@ pub struct Slurm {
     pub slurm_conf: Option<PathBuf>,
 }
 
-/// What `scontrol show job` reports.
+/// Fields of `scontrol show job` output.
 #[derive(Debug, Clone, Default)]
 pub struct JobInfo {
     pub state: String,
@@ -29,7 +29,7 @@ pub struct JobInfo {
     pub held: bool,
 }
 
-/// What `sacct` reports for the job allocation.
+/// Fields of `sacct` output for the job allocation.
 #[derive(Debug, Clone)]
 pub struct AccountingInfo {
     pub state: String,

@@ -15,7 +15,7 @@ use crate::wrapper::{read_status, WrapperStatus};
 
 /// Tolerance when deciding from run time alone whether SIGTERM came from the time limit.
 const TIMEOUT_SLACK: Duration = Duration::from_secs(5);
-/// Longest wait for a finished job's processes to end (Slurm's `KillWait` defaults to 30 s).
+/// Maximum wait for a finished job's processes to end (Slurm's `KillWait` defaults to 30 s).
 const COMPLETING_WAIT: Duration = Duration::from_secs(120);
 
 /// Copies what `scontrol` reported into the record. Returns the mapped state.
@@ -85,7 +85,7 @@ fn verdict_from_wrapper(record: &mut JobRecord, status: &WrapperStatus) -> JobSt
     }
 }
 
-/// Waits until Slurm has ended the job's processes, so stage-out sees final files.
+/// Waits until Slurm has ended the job's processes, so stage-out reads final files.
 pub fn wait_for_completion(slurm: &Slurm, job_id: &str, workdir: &Path) {
     let started = Instant::now();
     while started.elapsed() < COMPLETING_WAIT {

@@ -17,6 +17,30 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Waits until neither cluster has active jobs, because placement depends on load and
+/// other test suites may share the stack's clusters.
+fn wait_until_idle(h: &Harness) {
+    let started = Instant::now();
+    loop {
+        let busy: Vec<String> = ["a", "b"]
+            .iter()
+            .flat_map(|cluster| {
+                let output = Command::new("squeue")
+                    .env("SLURM_CONF", h.slurm_conf_of(cluster))
+                    .args(["-h", "-t", "PD,CF,R,CG", "-o", "%i %j %T"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&output.stdout).lines().map(|line| format!("{cluster}: {line}")).collect::<Vec<_>>()
+            })
+            .collect();
+        if busy.is_empty() {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "clusters stay busy with other jobs: {busy:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Submits a job that takes both CPUs of a cluster and waits until it runs.
 fn fill_cluster(h: &Harness, cluster: &str) -> String {
     let output = Command::new("sbatch")
@@ -49,6 +73,7 @@ fn simple_script(h: &Harness, input: &str) -> std::path::PathBuf {
 fn busy_cluster_sends_job_elsewhere() {
     let _serial = serial();
     let h = Harness::two_clusters("busy");
+    wait_until_idle(&h);
     let filler = fill_cluster(&h, "a");
 
     // The input is near cluster a, but a is full, so the job goes to b.
@@ -77,9 +102,11 @@ fn idle_clusters_prefer_near_inputs() {
     h.put("models", "remote.txt", b"remote\n");
 
     let near_b = simple_script(&h, "scratchspace:local.txt");
+    wait_until_idle(&h);
     let output = h.run(&["sbatch", "--stage-out", "input.txt=results:b/", near_b.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     let near_a = simple_script(&h, "models:remote.txt");
+    wait_until_idle(&h);
     let output = h.run(&["sbatch", "--stage-out", "input.txt=results:a/", near_a.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
 
@@ -100,6 +127,7 @@ fn unreachable_cluster_skipped() {
 
     // Cluster c is near every space, so only its silence keeps the job away from it.
     let script = simple_script(&h, "scratchspace:local.txt");
+    wait_until_idle(&h);
     let output = h.run(&["sbatch", script.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stderr(&output).contains("cluster c skipped"), "{}", stderr(&output));
@@ -128,6 +156,7 @@ fn cancel_and_resume_reach_chosen_cluster() {
             h.name
         ),
     );
+    wait_until_idle(&h);
     let output = h.run(&["sbatch", "--detach", script.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     let id = String::from_utf8_lossy(&output.stdout).trim().to_string();
@@ -152,6 +181,7 @@ fn cancel_and_resume_reach_chosen_cluster() {
     let resumed = Harness::two_clusters("remote-resume");
     std::fs::write(resumed.dir.path().join("local space/local.txt"), "local\n").unwrap();
     let script = simple_script(&resumed, "scratchspace:local.txt");
+    wait_until_idle(&resumed);
     let status = resumed
         .jobwrap()
         .args(["sbatch", script.to_str().unwrap()])
