@@ -29,7 +29,7 @@ impl DirMeta {
         DirMeta { cache }
     }
 
-    /// The stored metadata of directory `key` (empty when none is stored).
+    /// Returns the stored metadata of directory `key` (empty when none is stored).
     pub async fn get(&self, handle: &SpaceHandle, space: usize, key: &str) -> PosixMeta {
         let Some(markers) = handle.markers.as_ref().filter(|_| !key.is_empty()) else {
             return PosixMeta::default();

@@ -11,8 +11,8 @@
 //!
 //! Invariants: an entry that is renamed or forgotten (unlink) never reaches the store
 //! under its old path, because those operations wait for an upload in flight and then
-//! rewrite or delete the entry; and at most one entry exists per path (a newer record
-//! replaces the older one).
+//! rewrite or delete the entry. At most one entry exists per path, because a newer
+//! record replaces the older one.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -239,7 +239,7 @@ impl Journal {
         Ok(())
     }
 
-    /// The pending content of `path`, if any.
+    /// Returns the pending content of `path`, if any.
     pub async fn pending(&self, space: &str, path: &ObjectPath) -> Option<PendingFile> {
         let entries = self.entries.lock().await;
         entries

@@ -1,11 +1,11 @@
 //! POSIX metadata (mode, owner, mtime, symlink targets, `user.*` extended attributes)
 //! stored with each object, in the format s3fs uses.
 //!
-//! S3 keeps the values as user metadata on the object itself: `x-amz-meta-mode` (decimal
-//! `st_mode` including the file type bits), `x-amz-meta-uid`, `x-amz-meta-gid`,
-//! `x-amz-meta-mtime` (seconds, with `.nnnnnnnnn` nanoseconds when not whole) and
-//! `x-amz-meta-xattr` (a percent-encoded JSON object mapping each attribute name to its
-//! base64 value). A symlink is a small object whose content is the target and whose mode
+//! S3 keeps the values as user metadata on the object itself. `x-amz-meta-mode` is the
+//! decimal `st_mode` including the file type bits, `x-amz-meta-uid` and `-gid` the
+//! owner, and `x-amz-meta-mtime` the seconds (with `.nnnnnnnnn` when not whole).
+//! `x-amz-meta-xattr` is a percent-encoded JSON object that maps each attribute name to
+//! its base64 value. A symlink is a small object whose content is the target and whose mode
 //! has `S_IFLNK`. Objects written by other tools carry none of these keys; they get the
 //! space's configured owner and mode and the object's last-modified time.
 //!
@@ -37,7 +37,7 @@ pub const S_IFREG: u32 = 0o100000;
 pub const S_IFDIR: u32 = 0o040000;
 pub const S_IFLNK: u32 = 0o120000;
 
-/// Extended attribute of a local space's file that holds the metadata map as JSON.
+/// Extended attribute of a local space's file that contains the metadata map as JSON.
 pub const LOCAL_XATTR: &str = "user.datanet.meta";
 
 /// Upper bound of the encoded metadata of one object. S3 limits user metadata to 2 KiB
@@ -85,7 +85,7 @@ impl XattrError {
     }
 }
 
-/// How `setxattr` treats an existing attribute (`XATTR_CREATE`, `XATTR_REPLACE`).
+/// Treatment of an existing attribute by `setxattr` (`XATTR_CREATE`, `XATTR_REPLACE`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XattrSetMode {
     Any,
@@ -356,7 +356,7 @@ fn parse_time(text: &str) -> Option<SystemTime> {
 // ---------------------------------------------------------------------------------------
 // Reading and writing metadata of stored objects.
 
-/// Where a space keeps object metadata.
+/// Storage place of a space's object metadata.
 #[derive(Debug, Clone)]
 pub enum MetaTarget {
     /// As object attributes sent with each PUT (S3, memory).
@@ -435,9 +435,8 @@ pub async fn read_meta(space: &Space, target: &MetaTarget, path: &ObjectPath) ->
 }
 
 /// Replaces the stored metadata of an existing object without changing its content.
-/// Object stores offer no in-place metadata update through `object_store`, so the object
-/// is rewritten (server content streamed back through [`crate::upload`]); a local file
-/// gets its extended attribute and mtime updated in place.
+/// `object_store` offers no in-place metadata update, so an object is rewritten through
+/// [`crate::upload`]. A local file gets its extended attribute and mtime updated in place.
 pub async fn write_meta(
     space: &Space,
     target: &MetaTarget,

@@ -2,8 +2,8 @@
 //! directory until it is uploaded.
 //!
 //! A staging file starts either empty (new file, `O_TRUNC`) or as a lazy copy of an
-//! existing object (its *base*): nothing is downloaded up front, and a byte range of the
-//! base is fetched the first time it is read, or before upload ([`Staging::freeze`]).
+//! existing object, its *base*. Nothing is downloaded up front. A byte range of the base
+//! is fetched the first time it is read, or before upload ([`Staging::freeze`]).
 //! Invariant: every byte below the logical size is either written by the application,
 //! a byte of the base object at the same offset (fetched with `If-Match` on the base's
 //! ETag, so two versions never mix), or zero (past the base's end or after a truncate),
@@ -56,8 +56,8 @@ impl StagingError {
 
 #[derive(Debug, Clone)]
 pub struct StagingSettings {
-    /// Directory that holds staging files; the write-back journal must be on the same
-    /// filesystem so that a staging file can be linked into it.
+    /// Directory of the staging files. The write-back journal must be on the same
+    /// filesystem, so that a staging file can be linked into it.
     pub dir: PathBuf,
     /// Free space a write must leave on the cache filesystem.
     pub min_free_bytes: u64,
@@ -261,7 +261,7 @@ impl Staging {
     }
 
     /// Fetches every missing base range, syncs the file to disk and blocks writers until
-    /// the returned view is dropped, so an upload sees one consistent content.
+    /// the returned view is dropped, so an upload reads one consistent content.
     pub async fn freeze(&self) -> Result<FrozenStaging, StagingError> {
         let mut state = Arc::clone(&self.state).write_owned().await;
         let base_len = state.base_len;

@@ -3,8 +3,8 @@
 //! A file below [`UploadSettings::multipart_threshold_bytes`] goes up in one PUT; a larger
 //! one as a multipart upload whose parts are sent in parallel, at most
 //! [`UploadSettings::max_concurrency`] at a time. Invariant: an upload either completes or
-//! is aborted; no error path leaves an incomplete multipart upload in the store (a killed
-//! process can, and the store's lifecycle rules are the only cleanup then).
+//! is aborted, so no error path leaves an incomplete multipart upload in the store. A
+//! killed process can leave one, and only the store's lifecycle rules clean it up.
 //!
 //! Renames use the store's server-side copy then delete. S3 `CopyObject` is limited to
 //! 5 GiB and `object_store` 0.14 has no `UploadPartCopy`, so a larger object is copied
@@ -70,7 +70,8 @@ pub enum UploadError {
 }
 
 impl UploadError {
-    /// The errno for a FUSE reply: a missing source is ENOENT, anything else is EIO.
+    /// Maps the error to the errno of a FUSE reply (ENOENT for a missing source, EACCES
+    /// when denied, the I/O error's own errno, else EIO).
     pub fn errno(&self) -> i32 {
         match self {
             UploadError::Store(object_store::Error::NotFound { .. }) => libc::ENOENT,

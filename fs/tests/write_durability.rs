@@ -18,7 +18,7 @@ fn write_back(delay: &str) -> MountSettings {
     }
 }
 
-/// Polls until `check` holds or `timeout` has passed.
+/// Polls until `check` returns true or `timeout` has passed.
 fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -80,7 +80,7 @@ fn unmount_waits_for_pending_uploads() {
 /// a direct upload (no write-back) retries within the store client's retry window.
 #[test]
 fn garage_stopped_during_uploads() {
-    let garage = PrivateGarage::start("fsb-durability", 3920);
+    let garage = PrivateGarage::start("write-outage", 20);
     let mut m = Mounted::start(&garage.garage, "stopped", write_back("10s"));
     std::fs::write(m.path("before.txt"), b"up\n").unwrap();
     assert!(wait_until(Duration::from_secs(20), || m.object("before.txt").is_some()));

@@ -99,7 +99,7 @@ fn truncate_sparse_and_random_writes() {
     file.write_all_at(b"tail", 10_000).unwrap();
     file.write_all_at(b"mid", 5_000).unwrap();
 
-    // Reading while the file is open for writing sees every acknowledged write.
+    // A read while the file is open for writing returns every acknowledged write.
     let mut reader = std::fs::File::open(&path).unwrap();
     let mut seen = Vec::new();
     reader.read_to_end(&mut seen).unwrap();

@@ -163,7 +163,7 @@ async fn garage_partial_overwrite_keeps_tail() {
 /// The journal keeps retrying while Garage is down and uploads once it is back.
 #[tokio::test]
 async fn garage_journal_retries_until_store_returns() {
-    let private = PrivateGarage::start("fsb-journal", 3910);
+    let private = PrivateGarage::start("journal-retry", 10);
     let (space, _) = space_on(&private.garage, "journal");
     let dir = tempfile::tempdir().unwrap();
 

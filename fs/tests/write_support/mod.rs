@@ -36,7 +36,7 @@ pub fn scripts_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts")
 }
 
-/// The stack's Garage, from the variables of `$RUN/env.sh`.
+/// Returns the stack's Garage, from the variables of `$RUN/env.sh`.
 pub fn stack_garage() -> Garage {
     Garage {
         run_dir: env("DATANET_RUN_DIR").into(),
@@ -49,7 +49,7 @@ pub fn stack_garage() -> Garage {
     }
 }
 
-/// A unique bucket name for one test.
+/// Returns a unique bucket name for one test.
 pub fn unique_bucket(test: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let clean: String = test
@@ -81,7 +81,8 @@ impl Garage {
         self.script(&["bucket", name]);
     }
 
-    /// A space over `bucket`, written as configuration text so it is validated like any.
+    /// Returns a space over `bucket`, written as configuration text so that it is validated
+    /// like any other.
     pub fn space_config(&self, bucket: &str) -> SpaceConfig {
         let text = self.space_toml("t", bucket);
         Config::parse(&text, Path::new("test.toml")).expect("test configuration is valid").spaces["t"].clone()
@@ -121,9 +122,19 @@ pub struct PrivateGarage {
 }
 
 impl PrivateGarage {
-    pub fn start(name: &str, base_port: u16) -> PrivateGarage {
-        let run_dir = PathBuf::from(format!("/var/tmp/datanet-test-{name}"));
+    /// Starts (or reuses) the Garage `name`: run directory `$DATANET_RUN_DIR-NAME`, S3
+    /// port `port_offset` above the stack's, so that stacks moved to other ports and run
+    /// directories get their own private servers too.
+    pub fn start(name: &str, port_offset: u16) -> PrivateGarage {
         let stack = stack_garage();
+        let run_dir = PathBuf::from(format!("{}-{name}", stack.run_dir.display()));
+        let stack_port: u16 = stack
+            .endpoint
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.trim_end_matches('/').parse().ok())
+            .unwrap_or_else(|| panic!("DATANET_S3_ENDPOINT {} has no port", stack.endpoint));
+        let base_port = stack_port + port_offset;
         let private = PrivateGarage {
             garage: Garage {
                 endpoint: format!("http://127.0.0.1:{base_port}"),
@@ -164,8 +175,8 @@ impl PrivateGarage {
         self.garage.endpoint.rsplit(':').next().unwrap().parse().unwrap()
     }
 
-    /// Stops the server abruptly (SIGKILL), as a crash or a network cut would: a graceful
-    /// stop keeps answering on open connections for a while.
+    /// Stops the server abruptly (SIGKILL), as a crash or a network cut would. A graceful
+    /// stop keeps serving requests on open connections for a while.
     pub fn stop(&self) {
         let pid_file = self.garage.run_dir.join("pids/garage.pid");
         let pid: i32 = std::fs::read_to_string(&pid_file)

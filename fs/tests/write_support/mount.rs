@@ -81,7 +81,7 @@ impl Mounted {
         mounted
     }
 
-    /// The path of `relative` inside the Garage space of the mount.
+    /// Returns the path of `relative` inside the Garage space of the mount.
     pub fn path(&self, relative: &str) -> PathBuf {
         self.mountpoint.join(SPACE).join(relative)
     }
@@ -179,7 +179,7 @@ impl Mounted {
 
     // -- direct store access ----------------------------------------------------------
 
-    /// The object's content, read from Garage without the mount.
+    /// Returns the object's content, read from Garage without the mount.
     pub fn object(&self, key: &str) -> Option<Vec<u8>> {
         let path = ObjectPath::parse(key).unwrap();
         self.runtime.block_on(async {
@@ -196,7 +196,7 @@ impl Mounted {
             .unwrap();
     }
 
-    /// Every key of the bucket below `prefix`, sorted.
+    /// Returns every key of the bucket below `prefix`, sorted.
     pub fn keys(&self, prefix: &str) -> Vec<String> {
         use futures::TryStreamExt;
         let keys: Vec<String> = self.runtime.block_on(async {
