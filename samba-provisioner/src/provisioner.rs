@@ -236,33 +236,53 @@ impl Provisioner {
         }
     }
 
+    /// Creates the account chain (Unix account, passdb entry, expiry) and the share.
+    /// The share does not depend on the account, so it is imported on a second thread
+    /// while the account chain runs; the lease record already covers any subset.
     fn create_objects(&self, lease: &Lease, password: &Password, share: &ShareDefinition) -> Result<(), ProvisionError> {
-        unix_account::create(&lease.account, &lease.id)?;
-        failpoint::hit("grant:unix-account");
+        std::thread::scope(|scope| {
+            let share_import = scope.spawn(|| {
+                self.samba.import_share(share)?;
+                failpoint::hit("grant:share");
+                Ok::<(), ProvisionError>(())
+            });
 
-        self.samba.add_user(&lease.account, password)?;
-        failpoint::hit("grant:passdb");
+            let account = (|| {
+                unix_account::create(&lease.account, &lease.id)?;
+                failpoint::hit("grant:unix-account");
 
-        self.samba.set_expiry(&lease.account, lease.expires_at)?;
-        failpoint::hit("grant:expiry");
+                self.samba.add_user(&lease.account, password)?;
+                failpoint::hit("grant:passdb");
 
-        self.samba.import_share(share)?;
-        failpoint::hit("grant:share");
-        Ok(())
+                self.samba.set_expiry(&lease.account, lease.expires_at)?;
+                failpoint::hit("grant:expiry");
+                Ok(())
+            })();
+
+            let share_result = share_import.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            account.and(share_result)
+        })
     }
 
     /// Removes whatever exists of a lease's objects.
     ///
-    /// Sessions are cut right after the share is gone, before the account is removed,
-    /// because `userdel` refuses an account while a session process runs as its uid.
+    /// The share goes first and its sessions are cut at once. The passdb entry is
+    /// removed meanwhile, and the Unix account last, because `userdel` refuses an
+    /// account while a session process still runs as its uid.
     pub(crate) fn remove_objects(&self, lease: &Lease) -> Result<(), ProvisionError> {
-        self.samba.remove_share(&lease.share)?;
-        failpoint::hit("revoke:share");
+        std::thread::scope(|scope| {
+            let share_removal = scope.spawn(|| {
+                self.samba.remove_share(&lease.share)?;
+                failpoint::hit("revoke:share");
+                self.close_share(&lease.share)
+            });
 
-        self.close_share(&lease.share)?;
+            let passdb = self.samba.remove_user(&lease.account);
+            failpoint::hit("revoke:passdb");
 
-        self.samba.remove_user(&lease.account)?;
-        failpoint::hit("revoke:passdb");
+            let share_result = share_removal.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            passdb.and(share_result)
+        })?;
 
         unix_account::remove(&lease.account)?;
         failpoint::hit("revoke:unix-account");
