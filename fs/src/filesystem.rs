@@ -157,6 +157,7 @@ impl DatanetFs {
         };
 
         let journal = open_journal(config, &spaces)?;
+        crate::staging::remove_stale(&cache.dir.join("staging"));
 
         Ok(DatanetFs {
             journal,

@@ -365,7 +365,33 @@ fn create_unique(dir: &Path) -> std::io::Result<(File, PathBuf)> {
     }
 }
 
-/// Bytes available to unprivileged writers on the filesystem holding `dir`.
+/// Removes staging files left in `dir` by processes that no longer run (after a crash)
+/// and returns how many were removed. Files of running processes, such as another mount
+/// that shares the cache directory, stay. Acknowledged content is never among them:
+/// it is in the store or in the write-back journal.
+pub fn remove_stale(dir: &Path) -> usize {
+    let Ok(items) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for item in items.flatten() {
+        let name = item.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.split_once('-')).and_then(|(pid, _)| pid.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        match std::fs::remove_file(item.path()) {
+            Ok(()) => removed += 1,
+            Err(err) => tracing::warn!(path = %item.path().display(), error = %err, "cannot remove stale staging file"),
+        }
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), removed, "removed staging files of earlier processes");
+    }
+    removed
+}
+
+/// Bytes available to unprivileged writers on the filesystem that contains `dir`.
 pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;
     let c_path = std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
@@ -505,6 +531,19 @@ mod tests {
         let err = staging.write(0, b"data").await.unwrap_err();
         assert_eq!(err.errno(), libc::ENOSPC);
         assert_eq!(staging.size().await, 0);
+    }
+
+    #[test]
+    fn stale_files_of_dead_processes_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        // pid_max on Linux is at most 4194304, so this pid never runs.
+        std::fs::write(dir.path().join("4194305-0"), b"old").unwrap();
+        let own = dir.path().join(format!("{}-7", std::process::id()));
+        std::fs::write(&own, b"mine").unwrap();
+        std::fs::write(dir.path().join("unrelated"), b"x").unwrap();
+        assert_eq!(remove_stale(dir.path()), 1);
+        assert!(own.exists());
+        assert!(dir.path().join("unrelated").exists());
     }
 
     #[tokio::test]

@@ -201,3 +201,23 @@ fn interrupted_copy_keeps_prefix() {
     m.remount();
     assert_eq!(std::fs::metadata(m.path("5g")).unwrap().len() as usize, size);
 }
+
+/// Metadata changes made during the write-back delay reach the store with the content.
+#[test]
+fn write_back_keeps_metadata_changes() {
+    let mut m = Mounted::start(&stack_garage(), "wbmeta", write_back("1h"));
+    let work = m.root.path().to_path_buf();
+    sh(&work, "echo old > src; touch -d '2001-02-03 04:05:06 UTC' src");
+    sh(&work, &format!("cp -p src '{}'", m.path("copy").display()));
+    sh(&m.path(""), "chmod 600 copy; setfattr -n user.tag -v v1 copy; mv copy moved; echo n > fresh; rm fresh");
+    assert_eq!(sh(&m.path(""), "stat -c '%a %Y' moved"), "600 981173106\n");
+    assert!(m.keys("").is_empty(), "uploaded during the delay: {:?}", m.keys(""));
+
+    m.unmount();
+    assert_eq!(m.keys(""), vec!["moved"]);
+    assert_eq!(m.object("moved").unwrap(), b"old\n");
+    let meta = m.store_meta("moved");
+    assert_eq!(meta.mode, Some(0o100600));
+    assert_eq!(meta.mtime, Some(std::time::UNIX_EPOCH + Duration::from_secs(981_173_106)));
+    assert_eq!(meta.xattrs.get("user.tag").map(Vec::as_slice), Some(&b"v1"[..]));
+}
