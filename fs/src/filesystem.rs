@@ -655,7 +655,9 @@ impl DatanetFs {
         let ino = self.inodes.lookup(space, &key, Kind::File);
         lock(&self.writers).insert(ino, Arc::clone(&writer));
         self.meta.remove_entry(space, &key);
-        self.meta.remove_listing(space, &dir);
+        let listed = FileStat { size: 0, mtime: SystemTime::now(), etag: None, meta: None };
+        let listed = DirEntry { name: name.to_string(), kind: Kind::File, stat: Some(listed) };
+        self.meta.patch_listing(space, &dir, name, Some(listed));
 
         let opened = self.register_handle(ino, space, None, Some(writer), flags & libc::O_APPEND != 0, false);
         let attr = self.getattr(ino).await?;
@@ -699,8 +701,10 @@ impl DatanetFs {
         }
         if let Some(stat) = writer.upload(handle, &handle.meta_target, &key, &self.upload).await? {
             self.meta.forget_meta(space, &key);
+            let (dir, name) = split_key(&key);
+            let listed = DirEntry { name: name.to_string(), kind: Kind::File, stat: Some(stat.clone()) };
+            self.meta.patch_listing(space, dir, name, Some(listed));
             self.meta.insert_entry(space, &key, Entry::File(stat));
-            self.meta.remove_listing(space, split_key(&key).0);
         }
         Ok(())
     }
@@ -746,7 +750,8 @@ impl DatanetFs {
             namespace::make_dir(handle, &key).await?;
         }
         self.meta.insert_entry(space, &key, Entry::Dir);
-        self.meta.remove_listing(space, &dir);
+        let listed = DirEntry { name: name.to_string(), kind: Kind::Dir, stat: None };
+        self.meta.patch_listing(space, &dir, name, Some(listed));
         let ino = self.inodes.lookup(space, &key, Kind::Dir);
         let attr = self.attr_of(ino, space, &Entry::Dir);
         Ok(self.with_dir_meta(attr, space, &key).await)
@@ -819,8 +824,17 @@ impl DatanetFs {
         self.inodes.unlink(space, &key);
         self.meta.forget_meta(space, &key);
         self.meta.insert_entry(space, &key, Entry::Missing);
-        self.meta.remove_listing(space, &dir);
-        namespace::keep_dir(handle, &dir).await
+        self.meta.patch_listing(space, &dir, name, None);
+        self.keep_parent(space, &dir).await
+    }
+
+    /// Keeps `dir` as a directory after an entry was removed from it, unless its cached
+    /// listing shows that entries remain (which saves a listing request per unlink).
+    async fn keep_parent(&self, space: usize, dir: &str) -> FsResult<()> {
+        if self.meta.listing(space, dir).is_some_and(|listing| !listing.is_empty()) {
+            return Ok(());
+        }
+        namespace::keep_dir(&self.spaces[space], dir).await
     }
 
     pub async fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -844,8 +858,8 @@ impl DatanetFs {
         self.inodes.unlink(space, &key);
         self.meta.remove_tree(space, &key);
         self.meta.insert_entry(space, &key, Entry::Missing);
-        self.meta.remove_listing(space, &dir);
-        namespace::keep_dir(handle, &dir).await
+        self.meta.patch_listing(space, &dir, name, None);
+        self.keep_parent(space, &dir).await
     }
 
     /// Renames a file or directory within one space. A directory rename copies every

@@ -197,56 +197,13 @@ impl MarkerClient {
     /// `object_store` rejects a whole page when one key has an empty segment, so this
     /// is the fallback that lets such directories be listed at all.
     pub async fn list_dir_raw(&self, dir_key: &str) -> FsResult<RawListing> {
-        let mut full_prefix = self.prefix.clone();
-        if !full_prefix.is_empty() {
-            full_prefix.push('/');
-        }
-        if !dir_key.is_empty() {
-            full_prefix.push_str(dir_key);
-            full_prefix.push('/');
-        }
+        let full_prefix = self.full_prefix(dir_key);
         let space_prefix_len = if self.prefix.is_empty() { 0 } else { self.prefix.len() + 1 };
-        let path = if self.path_style { format!("/{}", uri_encode(&self.bucket)) } else { "/".to_string() };
-        let what = format!("{}/{dir_key}", self.space);
 
         let mut listing = RawListing::default();
         let mut token: Option<String> = None;
         loop {
-            let mut params = vec![("delimiter", "/".to_string()), ("list-type", "2".to_string()), ("prefix", full_prefix.clone())];
-            if let Some(token) = &token {
-                params.push(("continuation-token", token.clone()));
-            }
-            params.sort();
-            let query: Vec<String> = params
-                .iter()
-                .map(|(name, value)| format!("{name}={}", uri_encode(value).replace('/', "%2F")))
-                .collect();
-            let query = query.join("&");
-
-            let signing_key = self.signing_key()?;
-            let headers = sign(&reqwest::Method::GET, &self.host, &path, &self.region, &signing_key, SystemTime::now(), &[], &query);
-            let mut request = self.http.get(format!("{}{path}?{query}", self.origin));
-            for (name, value) in headers {
-                request = request.header(name, value);
-            }
-            let response = request
-                .send()
-                .await
-                .map_err(|err| FsError::io(format!("{what}: listing failed: {err}")))?;
-            let status = response.status();
-            let body = response
-                .text()
-                .await
-                .map_err(|err| FsError::io(format!("{what}: listing failed: {err}")))?;
-            if status.as_u16() == 403 || status.as_u16() == 401 {
-                return Err(FsError::new(libc::EACCES, format!("{what}: listing denied ({status})")));
-            }
-            if !status.is_success() {
-                return Err(FsError::io(format!("{what}: listing failed with {status}: {}", first_line(&body))));
-            }
-            let page: ListPage = quick_xml::de::from_str(&body)
-                .map_err(|err| FsError::io(format!("{what}: invalid listing response: {err}")))?;
-
+            let page = self.list_page(dir_key, &full_prefix, true, None, token.as_deref()).await?;
             for common in page.common_prefixes {
                 if let Some(relative) = common.prefix.get(space_prefix_len..) {
                     listing.prefixes.push(relative.to_string());
@@ -266,6 +223,95 @@ impl MarkerClient {
                 Some(next) if page.is_truncated => token = Some(next),
                 _ => return Ok(listing),
             }
+        }
+    }
+
+    /// True when some key other than the marker `dir_key/` starts with `dir_key/`. One
+    /// request for at most two keys, however large the directory is.
+    pub async fn has_entries(&self, dir_key: &str) -> FsResult<bool> {
+        let full_prefix = self.full_prefix(dir_key);
+        let page = self.list_page(dir_key, &full_prefix, false, Some(2), None).await?;
+        Ok(page.contents.iter().any(|object| object.key != full_prefix))
+    }
+
+    /// `prefix/dir_key/` as a key prefix in the bucket (`prefix/` for the space root).
+    fn full_prefix(&self, dir_key: &str) -> String {
+        let mut full_prefix = self.prefix.clone();
+        if !full_prefix.is_empty() {
+            full_prefix.push('/');
+        }
+        if !dir_key.is_empty() {
+            full_prefix.push_str(dir_key);
+            full_prefix.push('/');
+        }
+        full_prefix
+    }
+
+    /// Sends one ListObjectsV2 request, retrying throttling and server errors.
+    async fn list_page(
+        &self,
+        dir_key: &str,
+        full_prefix: &str,
+        delimiter: bool,
+        max_keys: Option<u32>,
+        token: Option<&str>,
+    ) -> FsResult<ListPage> {
+        let path = if self.path_style { format!("/{}", uri_encode(&self.bucket)) } else { "/".to_string() };
+        let what = format!("{}/{dir_key}", self.space);
+        let mut params = vec![("list-type", "2".to_string()), ("prefix", full_prefix.to_string())];
+        if delimiter {
+            params.push(("delimiter", "/".to_string()));
+        }
+        if let Some(max_keys) = max_keys {
+            params.push(("max-keys", max_keys.to_string()));
+        }
+        if let Some(token) = token {
+            params.push(("continuation-token", token.to_string()));
+        }
+        params.sort();
+        let query: Vec<String> = params
+            .iter()
+            .map(|(name, value)| format!("{name}={}", uri_encode(value).replace('/', "%2F")))
+            .collect();
+        let query = query.join("&");
+
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let signing_key = self.signing_key()?;
+            let headers = sign(&reqwest::Method::GET, &self.host, &path, &self.region, &signing_key, SystemTime::now(), &[], &query);
+            let mut request = self.http.get(format!("{}{path}?{query}", self.origin));
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+
+            let retry_reason = match request.send().await {
+                Ok(response) => {
+                    let status = response.status();
+                    let body = response
+                        .text()
+                        .await
+                        .map_err(|err| FsError::io(format!("{what}: listing failed: {err}")))?;
+                    if status.is_success() {
+                        return quick_xml::de::from_str(&body)
+                            .map_err(|err| FsError::io(format!("{what}: invalid listing response: {err}")));
+                    }
+                    if status.as_u16() == 403 || status.as_u16() == 401 {
+                        tracing::error!(object = %what, status = status.as_u16(), "the store rejected the credentials for a listing");
+                        return Err(FsError::new(libc::EACCES, format!("{what}: listing denied ({status})")));
+                    }
+                    if !(status.is_server_error() || status.as_u16() == 429) {
+                        return Err(FsError::io(format!("{what}: listing failed with {status}: {}", first_line(&body))));
+                    }
+                    format!("status {status}")
+                }
+                Err(err) => format!("request error: {err}"),
+            };
+            if attempt >= MAX_ATTEMPTS {
+                return Err(FsError::io(format!("{what}: listing failed after {attempt} attempts: {retry_reason}")));
+            }
+            tracing::warn!(object = %what, attempt, reason = %retry_reason, "retrying a listing");
+            tokio::time::sleep(Duration::from_millis(100 << attempt.min(6))).await;
         }
     }
 

@@ -6,7 +6,7 @@
 //! request), and changes made through this mount update or drop the entries they touch.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use moka::sync::Cache;
 
@@ -88,7 +88,10 @@ struct KnownMeta {
 #[derive(Clone)]
 pub struct MetaCache {
     entries: Option<Cache<CacheKey, Entry>>,
-    listings: Option<Cache<CacheKey, Listing>>,
+    /// Listings with the time they were read from the store; patches made by this mount
+    /// keep that time, so a listing still expires one TTL after it was read.
+    listings: Option<Cache<CacheKey, (Instant, Listing)>>,
+    ttl: Duration,
     /// Metadata decoded by HEAD requests, kept longer than the TTL: it is only used for
     /// an object whose listing shows the same ETag and last-modified time, because
     /// any rewrite of the object (content or metadata) changes the last-modified time.
@@ -102,18 +105,20 @@ impl MetaCache {
             return MetaCache {
                 entries: None,
                 listings: None,
+                ttl,
                 posix,
             };
         }
         let entries = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(ttl).build();
         let listings = Cache::builder()
             .max_capacity(MAX_LISTED_ENTRIES)
-            .weigher(|_key: &CacheKey, listing: &Listing| listing.len().clamp(1, u32::MAX as usize) as u32)
+            .weigher(|_key: &CacheKey, listing: &(Instant, Listing)| listing.1.len().clamp(1, u32::MAX as usize) as u32)
             .time_to_live(ttl)
             .build();
         MetaCache {
             entries: Some(entries),
             listings: Some(listings),
+            ttl,
             posix,
         }
     }
@@ -161,7 +166,8 @@ impl MetaCache {
     }
 
     pub fn listing(&self, space: usize, dir: &str) -> Option<Listing> {
-        self.listings.as_ref()?.get(&(space, dir.to_string()))
+        let (listed_at, listing) = self.listings.as_ref()?.get(&(space, dir.to_string()))?;
+        (listed_at.elapsed() < self.ttl).then_some(listing)
     }
 
     /// Stores a listing and the attributes of its entries, so that the lookups and
@@ -179,8 +185,30 @@ impl MetaCache {
             }
         }
         if let Some(listings) = &self.listings {
-            listings.insert((space, dir.to_string()), listing);
+            listings.insert((space, dir.to_string()), (Instant::now(), listing));
         }
+    }
+
+    /// Adds, replaces (`Some`) or removes (`None`) the entry `name` of a cached listing
+    /// after this mount changed it, so the next lookup in that directory needs no
+    /// request. Nothing happens when the listing is not cached.
+    pub fn patch_listing(&self, space: usize, dir: &str, name: &str, entry: Option<DirEntry>) {
+        let Some(listings) = &self.listings else { return };
+        let key = (space, dir.to_string());
+        let Some((listed_at, listing)) = listings.get(&key) else { return };
+        if listed_at.elapsed() >= self.ttl {
+            return;
+        }
+        let mut entries: Vec<DirEntry> = listing.as_ref().clone();
+        match (entries.binary_search_by(|e| e.name.as_str().cmp(name)), entry) {
+            (Ok(index), Some(entry)) => entries[index] = entry,
+            (Ok(index), None) => {
+                entries.remove(index);
+            }
+            (Err(index), Some(entry)) => entries.insert(index, entry),
+            (Err(_), None) => {}
+        }
+        listings.insert(key, (listed_at, Arc::new(entries)));
     }
 
     pub fn remove_listing(&self, space: usize, dir: &str) {
@@ -247,6 +275,21 @@ mod tests {
         let mut rewritten = stat(3);
         rewritten.mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
         assert!(cache.known_meta(0, "f", &rewritten).is_none());
+    }
+
+    #[test]
+    fn patched_listing_keeps_order_and_expiry() {
+        let cache = MetaCache::new(Duration::from_millis(300));
+        let dir_entry = |name: &str| DirEntry { name: name.into(), kind: Kind::Dir, stat: None };
+        cache.insert_listing(0, "d", Arc::new(vec![dir_entry("a"), dir_entry("c")]));
+        cache.patch_listing(0, "d", "b", Some(dir_entry("b")));
+        cache.patch_listing(0, "d", "a", None);
+        let names: Vec<String> = cache.listing(0, "d").unwrap().iter().map(|e| e.name.clone()).collect();
+        assert_eq!(names, vec!["b", "c"]);
+        std::thread::sleep(Duration::from_millis(200));
+        cache.patch_listing(0, "d", "e", Some(dir_entry("e")));
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(cache.listing(0, "d").is_none(), "a patch does not extend the listing's life");
     }
 
     #[test]

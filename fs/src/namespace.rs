@@ -239,6 +239,10 @@ pub async fn is_dir_empty(handle: &SpaceHandle, dir: &str) -> FsResult<bool> {
         return Ok(first.is_none());
     }
 
+    if let Some(markers) = &handle.markers {
+        return Ok(!markers.has_entries(dir).await?);
+    }
+
     let path = object_path(dir)?;
     let mut children = handle.space.store.list(Some(&path));
     while let Some(item) = children.next().await {
