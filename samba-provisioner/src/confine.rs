@@ -12,7 +12,7 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::ProvisionError;
 
-/// Longest label accepted; labels are shown in listings, not used by Samba.
+/// Maximum label length in characters. Labels appear in listings and logs, never in Samba.
 pub const MAX_LABEL_CHARS: usize = 200;
 
 /// Characters that `smb.conf` parsing would interpret inside a parameter value.

@@ -1,6 +1,6 @@
 //! Mount instructions that `decode` prints on a graphical node.
 //!
-//! The text holds the password, because the node's user needs it to mount; it goes
+//! The text contains the password, because the node's user needs it to mount; it goes
 //! to standard output of the user who decoded the token and nowhere else.
 
 use std::fmt::Write;

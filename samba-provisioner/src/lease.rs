@@ -16,7 +16,7 @@ use crate::ProvisionError;
 pub const LEASE_ID_LEN: usize = 16;
 pub const ACCOUNT_SUFFIX_LEN: usize = 12;
 
-/// Where a lease stands in its life. Records in any state but `Active` belong to an
+/// The stage of a lease's life. Records in any state but `Active` belong to an
 /// operation that may have been cut short, and reconcile finishes or undoes them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -29,7 +29,7 @@ pub enum LeaseState {
     Revoking,
 }
 
-/// A lease as stored and as shown to operators. It holds no secret.
+/// A lease as stored and as shown to operators. It contains no secret.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Lease {

@@ -3,8 +3,8 @@
 //! Records are written atomically (temporary file, fsync, rename, fsync of the
 //! directory), so a crash leaves the old record or the new one, never a mix.
 //! Invariant: a lease's record exists, in state `provisioning`, before any Unix account,
-//! passdb entry or share of that lease is created, and it is removed only after all of
-//! them are gone; reconcile relies on this to tell its own objects from orphans.
+//! passdb entry or share of that lease is created. It is removed only after all of them
+//! are gone. Reconcile relies on this to tell its own objects from orphans.
 //!
 //! Grant and revoke hold the ledger lock shared, reconcile holds it exclusively, so
 //! reconcile never sees an operation half-way. The lock is an `flock` on

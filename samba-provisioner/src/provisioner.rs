@@ -3,7 +3,7 @@
 //!
 //! Invariant: the lease record is written (state `provisioning` or `revoking`) before
 //! the first step and removed or marked `active` only after the last, so a crash at
-//! any point leaves a record that tells reconcile what to finish or undo. Each step is
+//! any point leaves a record from which reconcile finishes or undoes the operation. Each step is
 //! idempotent when undone, so undoing a half-made lease is the same as revoking it.
 
 use std::net::IpAddr;
@@ -24,7 +24,7 @@ use crate::token::{self, TokenClaims, TokenKey};
 use crate::unix_account;
 use crate::ProvisionError;
 
-/// What a caller asks for.
+/// The parameters of a grant.
 #[derive(Debug, Clone)]
 pub struct GrantRequest {
     pub path: PathBuf,
@@ -237,8 +237,8 @@ impl Provisioner {
     }
 
     /// Creates the account chain (Unix account, passdb entry, expiry) and the share.
-    /// The share does not depend on the account, so it is imported on a second thread
-    /// while the account chain runs; the lease record already covers any subset.
+    /// The share does not depend on the account, so a second thread imports it while
+    /// the account chain runs. The lease record already covers any subset of objects.
     fn create_objects(&self, lease: &Lease, password: &Password, share: &ShareDefinition) -> Result<(), ProvisionError> {
         std::thread::scope(|scope| {
             let share_import = scope.spawn(|| {

@@ -2,9 +2,9 @@
 //! back into agreement.
 //!
 //! Runs under the exclusive ledger lock, so no grant or revoke is half-way. Samba's
-//! objects are listed before the ledger: every object that exists at that moment had
-//! its lease record written first, so an object that no record owns is an orphan of a
-//! crash (or of a deleted record) and is removed. Only objects whose name has the lease
+//! objects are listed before the ledger, because every object that exists at that
+//! moment had its lease record written first. So an object that no record owns is an
+//! orphan of a crash (or of a deleted record), and gc removes it. Only objects whose name has the lease
 //! shape with this provisioner's prefix and that carry the lease marker are touched.
 
 use std::collections::BTreeSet;
@@ -20,7 +20,7 @@ use crate::token;
 use crate::unix_account::{self, ACCOUNT_COMMENT};
 use crate::ProvisionError;
 
-/// What one gc run changed, by lease id or object name.
+/// The changes of one gc run, by lease id or object name.
 #[derive(Debug, Default, Serialize)]
 pub struct GcReport {
     /// Active leases past their expiry, revoked.

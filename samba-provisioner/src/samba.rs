@@ -3,8 +3,8 @@
 //!
 //! Every command gets the configured `smb.conf` with `-s`, so the provisioner manages
 //! the smbd that serves leases and never the host's default configuration. Shares live
-//! in the registry (`net conf`), which smbd reads on demand without a reload; each is
-//! imported as one named section, which replaces only that share.
+//! in the registry (`net conf`), which smbd reads on demand without a reload. Each share
+//! is imported as one named section, which replaces only that share.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,7 +41,7 @@ impl Samba {
     }
 
     /// Adds a passdb entry for an existing Unix account. The password goes to
-    /// `pdbedit -t` on standard input, twice, as it asks for a confirmation.
+    /// `pdbedit -t` on standard input, twice, because pdbedit reads a confirmation.
     pub fn add_user(&self, name: &str, password: &Password) -> Result<(), ProvisionError> {
         let mut input = zeroize::Zeroizing::new(Vec::with_capacity(2 * password.expose().len() + 2));
         for _ in 0..2 {

@@ -80,10 +80,9 @@ fn yes_no(value: bool) -> String {
 
 /// Tells whether the filesystem under `dir` stores `user.*` extended attributes.
 ///
-/// The probe writes and removes one attribute, because reading is not enough: a
-/// filesystem may answer "no such attribute" to reads and still reject every write
-/// (the datanet FUSE mount of this version does). It leaves the directory unchanged
-/// apart from its ctime.
+/// The probe writes and removes one attribute, because reading is not enough. A FUSE
+/// filesystem that implements `getxattr` but not `setxattr` returns "no such
+/// attribute" to reads and rejects every write. The probe changes only the ctime.
 pub fn supports_user_xattrs(dir: &Path) -> bool {
     let Ok(path) = CString::new(dir.as_os_str().as_bytes()) else {
         return false;
@@ -172,7 +171,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         if supports_user_xattrs(dir.path()) {
             let path = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
-            // SAFETY: a null buffer of size 0 only asks for the value's size.
+            // SAFETY: a null buffer of size 0 only requests the value's size.
             let size = unsafe { libc::lgetxattr(path.as_ptr(), c"user.datanet.probe".as_ptr(), std::ptr::null_mut(), 0) };
             assert_eq!(size, -1, "the probe attribute was left behind");
             assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENODATA));

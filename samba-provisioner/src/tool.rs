@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use crate::ProvisionError;
 
-/// What a tool printed and how it exited.
+/// The output and exit status of one tool run.
 #[derive(Debug)]
 pub struct ToolOutput {
     pub program: String,
@@ -64,7 +64,7 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&[u8]>, action: &str) -> 
 
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("stdin was requested as a pipe");
-        // A tool that exits early closes the pipe; its exit status tells the story.
+        // A tool that exits early closes the pipe, and its exit status reports why.
         if let Err(err) = pipe.write_all(input) {
             tracing::debug!(program, error = %err, "tool closed its standard input early");
         }

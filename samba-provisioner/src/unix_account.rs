@@ -24,8 +24,8 @@ const USERDEL_NO_SUCH_USER: i32 = 6;
 /// `userdel` exit status for "the user is logged in" (a process runs with its uid).
 const USERDEL_USER_BUSY: i32 = 8;
 
-/// How often to retry when another process holds the password file lock or when a
-/// session process still runs as the account; about 10 s in all.
+/// Retries while another process has the password file locked or a session process
+/// still runs as the account: 100 tries 100 ms apart, about 10 s in all.
 const RETRIES: u32 = 100;
 const RETRY_DELAY: Duration = Duration::from_millis(100);
 

@@ -79,7 +79,7 @@ fn is_mounted(path: &Path) -> bool {
     mounts.lines().any(|line| line.split_whitespace().nth(1) == Some(wanted.as_str()))
 }
 
-/// The `datanet` binary of the same build, next to this test's `deps` directory.
+/// Returns the `datanet` binary of the same build, next to this test's `deps` directory.
 fn datanet_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let binary = exe.parent().and_then(Path::parent).unwrap().join("datanet");
@@ -131,7 +131,7 @@ fn object_keys(config_text: &str, prefix: &str) -> Vec<String> {
     keys
 }
 
-/// Polls until the bucket holds exactly `expected` below `prefix`.
+/// Polls until the bucket contains exactly `expected` below `prefix`.
 fn wait_for_keys(config_text: &str, prefix: &str, expected: &[&str]) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

@@ -4,7 +4,7 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{all_output, stdout, Session, TestEnv, FORCE_USER};
 
@@ -157,19 +157,22 @@ fn revoke_by_id_removes_everything() {
 fn short_ttl_expires_in_samba() {
     let env = TestEnv::new("expiry");
     let dir = env.share_dir("brief");
-    let token = env.grant(&dir, "3s", &[]);
+    let token = env.grant(&dir, "8s", &[]);
     let mount = env.mount(&token);
 
     let output = env.smbclient(&mount.share, &mount, "ls");
     assert!(output.status.success(), "login before expiry failed: {}", all_output(&output));
 
-    std::thread::sleep(Duration::from_secs(4));
+    let listed: serde_json::Value = serde_json::from_str(&env.run_ok(&["list", "--json"], None)).unwrap();
+    let expires_at = UNIX_EPOCH + Duration::from_secs(listed[0]["expires_at"].as_u64().unwrap());
+    let wait = expires_at.duration_since(SystemTime::now()).unwrap_or_default();
+    std::thread::sleep(wait + Duration::from_secs(1));
     let output = env.smbclient(&mount.share, &mount, "ls");
     assert!(!output.status.success(), "login after expiry worked: {}", all_output(&output));
     assert!(all_output(&output).contains("NT_STATUS_ACCOUNT_EXPIRED"), "{}", all_output(&output));
 
     // No gc ran: the lease and its account are still there, and Samba alone refused.
-    assert_eq!(env.lease_ids(), [mount.lease_id.clone()]);
+    assert_eq!(env.lease_ids(), std::slice::from_ref(&mount.lease_id));
     let report = env.run_ok(&["gc", "--json"], None);
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["expired"], serde_json::json!([mount.lease_id]));

@@ -10,10 +10,15 @@ use std::time::Duration;
 use common::{all_output, TestEnv};
 
 fn assert_rejected(env: &TestEnv, token: &str, expected: &str) {
+    assert_rejected_with_any(env, token, &[expected]);
+}
+
+/// Checks that decode rejects `token` with a message containing one of `expected`.
+fn assert_rejected_with_any(env: &TestEnv, token: &str, expected: &[&str]) {
     let output = env.run(&["decode"], Some(token));
     let text = all_output(&output);
     assert!(!output.status.success(), "decode accepted a bad token: {text}");
-    assert!(text.contains(expected), "expected {expected:?} in: {text}");
+    assert!(expected.iter().any(|e| text.contains(e)), "expected one of {expected:?} in: {text}");
     if !token.trim().is_empty() {
         assert!(!text.contains(token.trim()), "the error repeats the token: {text}");
     }
@@ -65,8 +70,10 @@ fn altered_tokens_rejected() {
     for index in [2, token.len() / 2, token.len() - 3] {
         assert_rejected(&env, &alter(&token, index), "failed authentication");
     }
-    assert_rejected(&env, &format!("{token}x"), "truncated");
-    assert_rejected(&env, &token.replace(|c: char| c == 'a', "*"), "not base64url");
+    // One more character either breaks the base64 length or adds a byte to the tag.
+    assert_rejected_with_any(&env, &format!("{token}x"), &["truncated", "failed authentication"]);
+    let middle = token.len() / 2;
+    assert_rejected(&env, &format!("{}*{}", &token[..middle], &token[middle + 1..]), "not base64url");
     assert_rejected(&env, "", "empty");
 
     let output = env.run(&["revoke"], Some(&alter(&token, token.len() / 2)));
