@@ -36,6 +36,9 @@ const META_HEAD_CONCURRENCY: usize = 16;
 /// Listings with more files than this get no metadata read-ahead.
 const META_HEAD_MAX_FILES: usize = 20_000;
 
+/// Inodes whose last-open ETag is remembered for `keep_cache`.
+const MAX_OPENED_ETAGS: usize = 100_000;
+
 /// Free space that a staging write must leave on the cache filesystem.
 const STAGING_MIN_FREE_BYTES: u64 = 64 << 20;
 
@@ -120,6 +123,9 @@ pub struct DatanetFs {
     /// The write-back journal. Always open, so that entries left by an earlier process
     /// are uploaded; files are recorded in it only when `cache.write_back_delay` > 0.
     journal: Arc<Journal>,
+    /// Inodes of closed files whose content waits in the journal; each holds one open
+    /// count in the inode table.
+    journal_pins: Mutex<std::collections::HashSet<u64>>,
     files: Mutex<HashMap<u64, OpenFile>>,
     dirs: Mutex<HashMap<u64, Arc<Vec<DirItem>>>>,
     writers: Mutex<HashMap<u64, Arc<Writer>>>,
@@ -161,6 +167,7 @@ impl DatanetFs {
 
         Ok(DatanetFs {
             journal,
+            journal_pins: Mutex::new(std::collections::HashSet::new()),
             inodes: InodeTable::new(spaces.len()),
             spaces,
             meta: MetaCache::new(cache.metadata_ttl),
@@ -533,6 +540,10 @@ impl DatanetFs {
                 writer = Some(self.writer_for_existing(ino, space, &key, &stat, flags & libc::O_TRUNC != 0)?);
             } else {
                 let mut etags = lock(&self.opened_etags);
+                if etags.len() >= MAX_OPENED_ETAGS && !etags.contains_key(&ino) {
+                    // Forgetting only costs a page cache refill at the next open.
+                    etags.clear();
+                }
                 keep_cache = stat.etag.is_some() && etags.get(&ino) == Some(&stat.etag);
                 etags.insert(ino, stat.etag.clone());
                 reader = Some(Arc::new(ObjectReader::new(
@@ -719,12 +730,29 @@ impl DatanetFs {
             // A writer whose content waits in the journal keeps serving reads and
             // attributes until the upload is done (see `start_write_back`).
             let pending = !writer.is_unlinked() && self.journal_pending(file.ino, file.space).await;
-            if !still_open && !pending && result.is_ok() {
-                lock(&self.writers).remove(&file.ino);
+            if !still_open && result.is_ok() {
+                if pending {
+                    // The inode must outlive kernel FORGETs while its content waits in
+                    // the journal, so this handle's open count becomes a pin, dropped
+                    // in `writer_uploaded`.
+                    if lock(&self.journal_pins).insert(file.ino) {
+                        return result;
+                    }
+                } else {
+                    lock(&self.writers).remove(&file.ino);
+                    self.unpin(file.ino);
+                }
             }
         }
         self.inodes.close(file.ino);
         result
+    }
+
+    /// Drops the pin that a writer waiting for the journal held on `ino`.
+    fn unpin(&self, ino: u64) {
+        if lock(&self.journal_pins).remove(&ino) {
+            self.inodes.close(ino);
+        }
     }
 
     pub async fn mkdir(&self, parent: u64, name: &OsStr, mode: u32) -> FsResult<Attr> {
@@ -805,6 +833,12 @@ impl DatanetFs {
         }
         // Content waiting in the write-back journal must never reach the store now.
         self.journal.forget(handle.name(), &object_path(&key)?).await;
+        if let Some(ino) = self.inodes.peek(space, &key) {
+            if !self.has_open_writer(ino) && lock(&self.journal_pins).contains(&ino) {
+                lock(&self.writers).remove(&ino);
+                self.unpin(ino);
+            }
+        }
         if let Some(path) = handle.local_path(&key) {
             // The local store's delete also removes emptied parent directories, which
             // would make the directory vanish; remove the file alone.
@@ -1264,6 +1298,7 @@ impl DatanetFs {
             return;
         }
         lock(&self.writers).remove(&ino);
+        self.unpin(ino);
     }
 
     /// Uploads every file that still has changes (used at unmount).

@@ -101,6 +101,11 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_max_write(MAX_WRITE_BYTES);
         let _ = config.set_max_background(64);
         let _ = config.set_congestion_threshold(48);
+        // Lookups and readdir in one directory may run in parallel; without this the
+        // kernel serializes them per directory.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS) {
+            tracing::debug!(?missing, "kernel does not offer parallel directory operations");
+        }
         tracing::info!(spaces = ?self.fs.space_names(), "filesystem initialized");
         Ok(())
     }
