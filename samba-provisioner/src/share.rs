@@ -57,7 +57,10 @@ impl ShareDefinition {
             parameters.push(("force group", group.clone()));
         }
         if let Some(ip) = self.client_ip {
+            // Samba admits 127.0.0.1 and ::1 unless `hosts deny` matches them and
+            // `hosts allow` does not, so `ALL` also closes the loopback path.
             parameters.push(("hosts allow", ip.to_string()));
+            parameters.push(("hosts deny", "ALL".into()));
         }
         if !self.user_xattrs {
             parameters.push(("ea support", "no".into()));
@@ -135,6 +138,7 @@ mod tests {
             "\tguest ok = no",
             "\tforce user = cae",
             "\thosts allow = 10.0.0.5",
+            "\thosts deny = ALL",
             "\tserver smb encrypt = required",
             "\tread only = no",
         ] {

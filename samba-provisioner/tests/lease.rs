@@ -246,6 +246,11 @@ fn client_ip_restricts_hosts() {
     let output = env.smbclient(&mount.share, &mount, "ls");
     assert!(output.status.success(), "{}", all_output(&output));
 
+    // The test client connects from 127.0.0.1, which Samba admits by default.
+    let elsewhere = env.mount(&env.grant(&dir, "10m", &["--client-ip", "192.0.2.10"]));
+    let output = env.smbclient(&elsewhere.share, &elsewhere, "ls");
+    assert!(!output.status.success(), "a lease for 192.0.2.10 admitted 127.0.0.1: {}", all_output(&output));
+
     let conf = env.stack.smb_conf.to_str().unwrap();
     let show = std::process::Command::new("net")
         .args(["conf", "showshare", "-s", conf, &mount.share])
@@ -253,6 +258,7 @@ fn client_ip_restricts_hosts() {
         .unwrap();
     let section = stdout(&show);
     assert!(section.contains("hosts allow = 127.0.0.1"), "{section}");
+    assert!(section.contains("hosts deny = ALL"), "{section}");
     assert!(section.contains("server smb encrypt = required"), "{section}");
 }
 
