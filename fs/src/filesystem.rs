@@ -946,6 +946,13 @@ impl DatanetFs {
             self.rename_file(space, &from, &to).await?;
         }
 
+        // A replaced file whose content waited in the journal is gone with its entry.
+        if let Some(replaced) = self.inodes.peek(space, &to) {
+            if !self.has_open_writer(replaced) && lock(&self.journal_pins).contains(&replaced) {
+                lock(&self.writers).remove(&replaced);
+                self.unpin(replaced);
+            }
+        }
         self.inodes.rename(space, &from, &to);
         self.meta.remove_tree(space, &from);
         self.meta.remove_tree(space, &to);

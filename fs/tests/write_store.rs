@@ -191,3 +191,35 @@ async fn garage_journal_retries_until_store_returns() {
     assert_eq!(journal.flush(Duration::from_secs(60)).await, 0);
     assert_eq!(stored(&space, "down.txt").await.unwrap(), b"written while the store was down");
 }
+
+/// A closed file whose content waits in the write-back journal stays visible after the
+/// kernel forgets its inode (memory space, no kernel mount needed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_back_file_survives_forget() {
+    use datanet::filesystem::{Caller, DatanetFs};
+    use std::ffi::OsStr;
+
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[spaces.m]\nurl = \"memory://\"\n[cache]\ndir = \"{}\"\nwrite_back_delay = \"1h\"\n",
+        dir.path().display()
+    );
+    let config = datanet::Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+    let fs = Arc::new(DatanetFs::new(&config).unwrap());
+    fs.start_write_back();
+
+    let space_root = fs.lookup(1, OsStr::new("m")).await.unwrap().ino;
+    let caller = Caller { uid: 0, gid: 0 };
+    let (attr, opened) = fs
+        .create(space_root, OsStr::new("f"), 0o644, libc::O_WRONLY | libc::O_CREAT, caller)
+        .await
+        .unwrap();
+    fs.write(opened.fh, 0, b"pending").await.unwrap();
+    fs.flush(opened.fh).await.unwrap();
+    fs.release(opened.fh).await.unwrap();
+    fs.forget(attr.ino, 1);
+
+    let found = fs.lookup(space_root, OsStr::new("f")).await.unwrap();
+    assert_eq!(found.size, 7);
+    assert_eq!(found.ino, attr.ino);
+}
