@@ -70,6 +70,13 @@ impl Writer {
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> FsResult<u32> {
         let written = self.staging.write(offset, data).await.map_err(staging_error)?;
+
+        // A write sets the mtime, as on a local disk, so an mtime stored by an earlier
+        // utimens must not survive it (without one, the upload time is the mtime).
+        let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
+        if meta.mtime.is_some() {
+            meta.mtime = Some(SystemTime::now());
+        }
         Ok(written as u32)
     }
 

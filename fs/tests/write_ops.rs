@@ -216,6 +216,15 @@ fn metadata_persisted_and_defaulted() {
     assert_eq!(stored.mtime, Some(UNIX_EPOCH + Duration::from_secs(1_000_000_000)));
     assert_eq!(std::fs::read(&path).unwrap(), b"x");
 
+    // Appending sets the mtime again.
+    sh(&m.path(""), "echo more >> f");
+    let now = std::time::SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    let mtime = std::fs::metadata(&path).unwrap().mtime();
+    assert!((now - 60..=now + 1).contains(&mtime), "mtime {mtime} not updated by a write (now {now})");
+    m.remount();
+    assert_eq!(std::fs::metadata(&path).unwrap().mtime(), mtime);
+    assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o7777, 0o751);
+
     // An object written by another tool shows the space's defaults.
     m.put_object("foreign.txt", b"from s3");
     let stat = std::fs::metadata(m.path("foreign.txt")).unwrap();
