@@ -27,6 +27,10 @@ pub const BLOCK_BYTES: u64 = 1 << 20;
 /// Largest read-ahead window, in blocks.
 pub const MAX_WINDOW_BLOCKS: u64 = 32;
 
+/// Maximum number of consecutive read-ahead blocks fetched by one range GET: fewer,
+/// larger requests cost the server and this process less CPU per byte.
+pub const MAX_RUN_BLOCKS: u64 = 4;
+
 /// The global memory budget of read-ahead, in blocks.
 #[derive(Debug, Clone)]
 pub struct ReadBudget {
@@ -155,13 +159,33 @@ impl ObjectReader {
 
             if sequential {
                 let ahead_end = (last + 1 + state.window_blocks).min(block_count);
-                for index in last + 1..ahead_end {
+                let mut run_start = last + 1;
+                let mut permits = Vec::new();
+                for index in last + 1..=ahead_end {
+                    let run_ends = index == ahead_end
+                        || state.blocks.contains_key(&index)
+                        || permits.len() as u64 == MAX_RUN_BLOCKS;
+                    if run_ends && !permits.is_empty() {
+                        for (block_index, block) in self.spawn_fetch_run(&state, run_start, std::mem::take(&mut permits)) {
+                            state.blocks.insert(block_index, block);
+                        }
+                    }
+                    if index == ahead_end {
+                        break;
+                    }
                     if state.blocks.contains_key(&index) {
                         continue;
                     }
+                    if permits.is_empty() {
+                        run_start = index;
+                    }
                     let Some(permit) = self.budget.try_acquire() else { break };
-                    let block = self.spawn_fetch(&state, index, Some(permit));
-                    state.blocks.insert(index, block);
+                    permits.push(Some(permit));
+                }
+                if !permits.is_empty() {
+                    for (block_index, block) in self.spawn_fetch_run(&state, run_start, permits) {
+                        state.blocks.insert(block_index, block);
+                    }
                 }
             }
             state.next_offset = end;
@@ -198,26 +222,41 @@ impl ObjectReader {
     }
 
     fn spawn_fetch(&self, state: &ReadState, index: u64, permit: Option<OwnedSemaphorePermit>) -> PendingBlock {
+        let (_, block) = self.spawn_fetch_run(state, index, vec![permit]).pop().expect("one block requested");
+        block
+    }
+
+    /// Fetches the consecutive blocks from `first` on (one per permit) with one request.
+    fn spawn_fetch_run(&self, state: &ReadState, first: u64, permits: Vec<Option<OwnedSemaphorePermit>>) -> Vec<(u64, PendingBlock)> {
         let request = BlockRequest {
             store: Arc::clone(&self.store),
             space: self.space.clone(),
             key: state.key.clone(),
             etag: state.etag.clone(),
-            start: index * BLOCK_BYTES,
-            end: ((index + 1) * BLOCK_BYTES).min(self.size),
-            index,
+            first,
+            count: permits.len() as u64,
+            object_size: self.size,
             cache: self.cache.clone(),
         };
         let task = tokio::spawn(request.fetch());
-        let data = async move {
+        let run = async move {
             match task.await {
-                Ok(result) => result,
+                Ok(result) => result.map(Arc::new),
                 Err(err) => Err(FsError::io(format!("read task failed: {err}"))),
             }
         }
         .boxed()
         .shared();
-        PendingBlock { data, _permit: permit }
+
+        permits
+            .into_iter()
+            .enumerate()
+            .map(|(position, permit)| {
+                let run = run.clone();
+                let data = async move { run.await.map(|blocks| blocks[position].clone()) }.boxed().shared();
+                (first + position as u64, PendingBlock { data, _permit: permit })
+            })
+            .collect()
     }
 }
 
@@ -226,29 +265,52 @@ struct BlockRequest {
     space: String,
     key: String,
     etag: Option<String>,
-    start: u64,
-    end: u64,
-    index: u64,
+    /// Index of the first block and number of consecutive blocks.
+    first: u64,
+    count: u64,
+    object_size: u64,
     cache: Option<Arc<DataCache>>,
 }
 
 impl BlockRequest {
-    async fn fetch(self) -> FsResult<Bytes> {
-        let cache_key = self.etag.as_deref().map(|etag| BlockKey::new(&self.space, &self.key, etag, self.index));
-        if let (Some(cache), Some(cache_key)) = (&self.cache, &cache_key) {
-            let cache = Arc::clone(cache);
-            let lookup_key = cache_key.clone();
-            let cached = tokio::task::spawn_blocking(move || cache.get(&lookup_key)).await.ok().flatten();
-            if let Some(data) = cached {
-                if data.len() as u64 == self.end - self.start {
-                    return Ok(data);
+    fn block_range(&self, index: u64) -> std::ops::Range<u64> {
+        index * BLOCK_BYTES..((index + 1) * BLOCK_BYTES).min(self.object_size)
+    }
+
+    fn cache_key(&self, index: u64) -> Option<BlockKey> {
+        let etag = self.etag.as_deref()?;
+        Some(BlockKey::new(&self.space, &self.key, etag, index))
+    }
+
+    /// Returns the blocks, from the data cache when it has all of them.
+    async fn fetch(self) -> FsResult<Vec<Bytes>> {
+        let indexes: Vec<u64> = (self.first..self.first + self.count).collect();
+        if let Some(cache) = &self.cache {
+            let keys: Option<Vec<(BlockKey, u64)>> = indexes
+                .iter()
+                .map(|&index| Some((self.cache_key(index)?, self.block_range(index).end - self.block_range(index).start)))
+                .collect();
+            if let Some(keys) = keys {
+                let cache = Arc::clone(cache);
+                let cached = tokio::task::spawn_blocking(move || {
+                    keys.iter()
+                        .map(|(key, len)| cache.get(key).filter(|data| data.len() as u64 == *len))
+                        .collect::<Option<Vec<Bytes>>>()
+                })
+                .await
+                .ok()
+                .flatten();
+                if let Some(blocks) = cached {
+                    return Ok(blocks);
                 }
             }
         }
 
+        let start = self.block_range(self.first).start;
+        let end = self.block_range(self.first + self.count - 1).end;
         let what = format!("{}/{}", self.space, self.key);
         let options = GetOptions {
-            range: Some(GetRange::Bounded(self.start..self.end)),
+            range: Some(GetRange::Bounded(start..end)),
             if_match: self.etag.clone(),
             ..GetOptions::default()
         };
@@ -259,25 +321,27 @@ impl BlockRequest {
             .await
             .map_err(|err| FsError::from_store(err, &what))?;
         let data = result.bytes().await.map_err(|err| FsError::from_store(err, &what))?;
-        if data.len() as u64 != self.end - self.start {
-            return Err(FsError::io(format!(
-                "{what}: expected {} bytes at offset {}, got {}",
-                self.end - self.start,
-                self.start,
-                data.len()
-            )));
+        if data.len() as u64 != end - start {
+            return Err(FsError::io(format!("{what}: expected {} bytes at offset {start}, got {}", end - start, data.len())));
         }
 
-        if let (Some(cache), Some(cache_key)) = (self.cache, cache_key) {
-            if let Some(permit) = cache.try_reserve_write() {
-                let stored = data.clone();
-                tokio::task::spawn_blocking(move || {
-                    cache.put(&cache_key, &stored);
-                    drop(permit);
-                });
+        let mut blocks = Vec::with_capacity(indexes.len());
+        for &index in &indexes {
+            let range = self.block_range(index);
+            let block = data.slice((range.start - start) as usize..(range.end - start) as usize);
+            if let (Some(cache), Some(cache_key)) = (&self.cache, self.cache_key(index)) {
+                if let Some(permit) = cache.try_reserve_write() {
+                    let cache = Arc::clone(cache);
+                    let stored = block.clone();
+                    tokio::task::spawn_blocking(move || {
+                        cache.put(&cache_key, &stored);
+                        drop(permit);
+                    });
+                }
             }
+            blocks.push(block);
         }
-        Ok(data)
+        Ok(blocks)
     }
 }
 
