@@ -27,10 +27,14 @@ fn free_port() -> u16 {
 }
 
 fn start(env: &TestEnv) -> Server {
+    start_with_gc_interval(env, "1h")
+}
+
+fn start_with_gc_interval(env: &TestEnv, gc_interval: &str) -> Server {
     let port = free_port();
     let child = env
         .command()
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--gc-interval", "1h"])
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--gc-interval", gc_interval])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -148,5 +152,29 @@ fn api_rejects_bad_requests() {
     assert_eq!(status, 400, "{answer}");
     let (status, _) = request(&server, "PUT", "/v1/leases", Some(&token), None);
     assert_eq!(status, 405);
+    assert!(env.samba_objects().is_empty(), "{:?}", env.samba_objects());
+}
+
+#[test]
+fn api_timer_revokes_expired_lease() {
+    let env = TestEnv::new("apitimer");
+    let token = std::fs::read_to_string(&env.api_token_file).unwrap().trim().to_string();
+    let server = start_with_gc_interval(&env, "1s");
+    let dir = env.share_dir("d");
+
+    let body = serde_json::json!({"path": dir, "ttl": "2s"}).to_string();
+    let (status, created) = request(&server, "POST", "/v1/leases", Some(&token), Some(&body));
+    assert_eq!(status, 201, "{created}");
+    let id = created["lease"]["id"].as_str().unwrap().to_string();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _) = request(&server, "GET", &format!("/v1/leases/{id}"), Some(&token), None);
+        if status == 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the timed gc did not revoke the expired lease");
+        std::thread::sleep(Duration::from_millis(250));
+    }
     assert!(env.samba_objects().is_empty(), "{:?}", env.samba_objects());
 }

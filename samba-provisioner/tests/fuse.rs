@@ -73,6 +73,15 @@ impl Drop for Mounted {
     }
 }
 
+/// Removes the test's work directory when dropped, after the mount is gone.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn is_mounted(path: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let wanted = path.display().to_string();
@@ -152,6 +161,8 @@ fn rename_inside_garage_mount() {
     let work = stack_dir.join(&bucket);
     let config_text = space_toml(&bucket, &work.join("cache"));
     std::fs::create_dir_all(&work).unwrap();
+    // Dropped last: after the leases are revoked and the mount is gone.
+    let _work_cleanup = RemoveOnDrop(work.clone());
     std::fs::write(work.join("datanet.toml"), &config_text).unwrap();
 
     // Declared before the environment, so leases are revoked before the unmount.
@@ -191,8 +202,4 @@ fn rename_inside_garage_mount() {
     assert!(!all_output(&output).contains("NT_STATUS"), "{}\nmount log:\n{}", all_output(&output), mounted.log_text());
     wait_for_keys(&config_text, "session/", &["session/e f.txt", "session/test.txt"]);
     assert_eq!(std::fs::read_to_string(dir.join("e f.txt")).unwrap(), "hi\n");
-
-    drop(env);
-    drop(mounted);
-    let _ = std::fs::remove_dir_all(&work);
 }
