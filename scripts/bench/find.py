@@ -9,7 +9,7 @@ prefix with `rclone lsl` shows what the store itself takes to list the tree.
 
 import time
 
-from harness import BenchError, run
+from harness import BenchError, RequestLog, run
 
 FIND_TOOLS = ("datanet", "rclone-full", "s3fs")
 
@@ -45,10 +45,16 @@ def section_find(ctx, rec):
 
     for tool in FIND_TOOLS:
         def measure(tool=tool):
+            requests = RequestLog(ctx.run_dir / "logs" / "garage.log")
             for _ in range(sizes.runs):
                 with ctx.mount(tool, "find") as mount:
                     root = mount.root() / ctx.tree_prefix
+                    requests.mark()
                     rec.add(f"find.cold.{tool}", timed_find(root, expected), "s")
+                    rec.add(f"find.lists.{tool}", float(requests.count_prefix("GET", ctx.store.bucket, None)), "LISTs")
+                    rec.add(f"find.heads.{tool}",
+                            float(requests.count_prefix("HEAD", ctx.store.bucket, ctx.tree_prefix)), "HEADs")
                     rec.add(f"find.warm.{tool}", timed_find(root, expected), "s")
 
-        rec.attempt([f"find.cold.{tool}", f"find.warm.{tool}"], measure)
+        rec.attempt([f"find.cold.{tool}", f"find.warm.{tool}", f"find.lists.{tool}", f"find.heads.{tool}"],
+                    measure)

@@ -264,12 +264,23 @@ class RequestLog:
     def mark(self):
         self.offset = self.path.stat().st_size if self.path.exists() else 0
 
-    def count(self, method, bucket, key):
-        needle = f" {method} /{bucket}/{key}"
+    def lines(self):
         with open(self.path, "rb") as log:
             log.seek(self.offset)
-            text = log.read().decode(errors="replace")
-        return sum(1 for line in text.splitlines() if line.endswith(needle) or needle + "?" in line)
+            return log.read().decode(errors="replace").splitlines()
+
+    def count(self, method, bucket, key):
+        """Requests for exactly `key` (with or without a query string)."""
+        needle = f" {method} /{bucket}/{key}"
+        return sum(1 for line in self.lines() if line.endswith(needle) or needle + "?" in line)
+
+    def count_prefix(self, method, bucket, prefix):
+        """Requests for any key below `prefix`, or with `prefix=None` LIST requests of the bucket."""
+        if prefix is None:
+            needles = (f" {method} /{bucket}?", f" {method} /{bucket}/?")
+        else:
+            needles = (f" {method} /{bucket}/{prefix}",)
+        return sum(1 for line in self.lines() if any(needle in line for needle in needles))
 
 
 def write_private(path, text):
