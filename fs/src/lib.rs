@@ -19,6 +19,7 @@ pub mod metacache;
 pub mod mount;
 pub mod name;
 pub mod namespace;
+pub mod part_copy;
 pub mod posix_meta;
 pub mod prefetch;
 pub mod staging;

@@ -7,9 +7,10 @@
 //! killed process can leave one, and only the store's lifecycle rules clean it up.
 //!
 //! Renames use the store's server-side copy then delete. S3 `CopyObject` is limited to
-//! 5 GiB and `object_store` 0.14 has no `UploadPartCopy`, so a larger object is copied
-//! through this process: ranged GETs (pinned to the source ETag) feed a multipart PUT,
-//! then the source is deleted.
+//! 5 GiB, so a larger S3 object is copied server-side with `UploadPartCopy`
+//! ([`crate::part_copy`]). Other stores, and S3 servers that reject `UploadPartCopy`,
+//! get a copy through this process: ranged GETs (pinned to the source ETag) feed a
+//! multipart PUT. The source is deleted after the copy.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -19,10 +20,12 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    Attributes, GetOptions, GetRange, MultipartUpload, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions,
+    Attribute, Attributes, GetOptions, GetRange, MultipartUpload, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions,
     PutPayload, PutResult,
 };
 
+use crate::config::SpaceLocation;
+use crate::part_copy::{CopyRequest, PartCopyClient, PartCopyError};
 use crate::posix_meta::{MetaTarget, PosixMeta};
 use crate::store::Space;
 
@@ -143,10 +146,54 @@ pub async fn rename_object(
         return Ok(());
     }
 
+    if matches!(space.config.location, SpaceLocation::S3 { .. }) {
+        match copy_parts_on_server(space, from, to, &head.meta, &head.attributes, settings).await {
+            Ok(()) => {
+                space.store.delete(from).await?;
+                return Ok(());
+            }
+            Err(err) => tracing::warn!(%from, %to, error = %err, "server-side multipart copy failed; copying through this host"),
+        }
+    }
+
     tracing::info!(%from, %to, size = head.meta.size, "renaming by streamed multipart copy");
     copy_through_client(space.store.as_ref(), from, to, &head.meta, head.attributes, settings).await?;
     space.store.delete(from).await?;
     Ok(())
+}
+
+/// Copies a large S3 object with `UploadPartCopy`, keeping its user metadata and
+/// content type.
+async fn copy_parts_on_server(
+    space: &Space,
+    from: &ObjectPath,
+    to: &ObjectPath,
+    source: &object_store::ObjectMeta,
+    attributes: &Attributes,
+    settings: &UploadSettings,
+) -> Result<(), PartCopyError> {
+    let client = PartCopyClient::for_space(&space.config)?;
+    let mut user_meta = std::collections::BTreeMap::new();
+    let mut content_type = None;
+    for (key, value) in attributes.iter() {
+        match key {
+            Attribute::Metadata(name) => {
+                user_meta.insert(name.to_string(), value.to_string());
+            }
+            Attribute::ContentType => content_type = Some(value.to_string()),
+            _ => {}
+        }
+    }
+    tracing::info!(%from, %to, size = source.size, "renaming by server-side multipart copy");
+    let request = CopyRequest {
+        from: from.as_ref(),
+        to: to.as_ref(),
+        size_bytes: source.size,
+        e_tag: source.e_tag.as_deref(),
+        user_meta,
+        content_type,
+    };
+    client.copy(&request, settings.part_size_bytes, settings.max_concurrency).await
 }
 
 /// Copies `from` to `to` with `attributes` by reading it through this process, pinned to

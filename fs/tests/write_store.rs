@@ -98,6 +98,7 @@ async fn garage_failed_upload_is_aborted() {
 
 #[tokio::test]
 async fn garage_rename_over_copy_limit() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let garage = stack_garage();
     let (space, bucket) = space_on(&garage, "rename");
     let meta = PosixMeta { mode: Some(S_IFREG | 0o600), ..PosixMeta::default() };
@@ -222,4 +223,39 @@ async fn write_back_file_survives_forget() {
     let found = fs.lookup(space_root, OsStr::new("f")).await.unwrap();
     assert_eq!(found.size, 7);
     assert_eq!(found.ino, attr.ino);
+}
+
+/// Objects above the copy limit are copied on the server with UploadPartCopy.
+#[tokio::test]
+async fn garage_part_copy_on_server() {
+    use datanet::part_copy::{CopyRequest, PartCopyClient};
+
+    let garage = stack_garage();
+    let (space, bucket) = space_on(&garage, "partcopy");
+    let data = pattern(12 * MIB, 5);
+    let from = ObjectPath::parse("src dir/big+1%.bin").unwrap();
+    let put = space.store.put(&from, data.clone().into()).await.unwrap();
+
+    let mut user_meta = BTreeMap::new();
+    user_meta.insert("mode".to_string(), "33152".to_string());
+    let request = CopyRequest {
+        from: from.as_ref(),
+        to: "dst/copy.bin",
+        size_bytes: data.len() as u64,
+        e_tag: put.e_tag.as_deref(),
+        user_meta,
+        content_type: None,
+    };
+    PartCopyClient::for_space(&space.config).unwrap().copy(&request, 5 << 20, 2).await.unwrap();
+    assert!(stored(&space, "dst/copy.bin").await.unwrap() == data, "copy differs");
+    let (_, meta) = read_meta(&space, &MetaTarget::ObjectAttributes, &ObjectPath::parse("dst/copy.bin").unwrap()).await.unwrap();
+    assert_eq!(meta.mode, Some(0o100600));
+    assert_eq!(garage.unfinished_uploads(&bucket), 0);
+
+    // A source that changed since its ETag was read fails the copy and leaves nothing.
+    space.store.put(&from, pattern(12 * MIB, 6).into()).await.unwrap();
+    let stale = CopyRequest { to: "dst/stale.bin", user_meta: BTreeMap::new(), ..request };
+    assert!(PartCopyClient::for_space(&space.config).unwrap().copy(&stale, 5 << 20, 2).await.is_err());
+    assert!(stored(&space, "dst/stale.bin").await.is_none());
+    assert_eq!(garage.unfinished_uploads(&bucket), 0);
 }
