@@ -87,7 +87,10 @@ pub async fn serve(
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| handle(state.clone(), peer, request));
-            if let Err(err) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            if let Err(err) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
         });
@@ -114,7 +117,11 @@ async fn run_gc_timer(provisioner: Arc<Provisioner>, interval: Duration) {
     }
 }
 
-async fn handle(state: Arc<ApiState>, peer: SocketAddr, request: Request<Incoming>) -> Result<ApiResponse, Infallible> {
+async fn handle(
+    state: Arc<ApiState>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<ApiResponse, Infallible> {
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let response = route(&state, request).await;
@@ -128,10 +135,14 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> ApiResponse {
         return json_response(StatusCode::OK, json!({"status": "ok"}));
     }
     if !authorized(state, &request) {
-        let mut response = error_response(StatusCode::UNAUTHORIZED, "missing or wrong bearer token; send `Authorization: Bearer <samba.api_token>`");
-        response
-            .headers_mut()
-            .insert(WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
+        let mut response = error_response(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token; send `Authorization: Bearer <samba.api_token>`",
+        );
+        response.headers_mut().insert(
+            WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
         return response;
     }
 
@@ -140,22 +151,43 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> ApiResponse {
     match (method, segments.as_slice()) {
         (Method::POST, ["v1", "leases"]) => create(state, request).await,
         (Method::GET, ["v1", "leases"]) => {
-            blocking(state, |p| p.list().map(|leases| json!({ "leases": leases })), StatusCode::OK).await
+            blocking(
+                state,
+                |p| p.list().map(|leases| json!({ "leases": leases })),
+                StatusCode::OK,
+            )
+            .await
         }
         (Method::GET, ["v1", "leases", id]) => {
             let id = id.to_string();
-            blocking(state, move |p| p.show(&id).map(|lease| json!({ "lease": lease })), StatusCode::OK).await
+            blocking(
+                state,
+                move |p| p.show(&id).map(|lease| json!({ "lease": lease })),
+                StatusCode::OK,
+            )
+            .await
         }
         (Method::DELETE, ["v1", "leases", id]) => {
             let id = id.to_string();
-            blocking(state, move |p| p.revoke(&id).map(|lease| json!({ "revoked": lease })), StatusCode::OK).await
+            blocking(
+                state,
+                move |p| p.revoke(&id).map(|lease| json!({ "revoked": lease })),
+                StatusCode::OK,
+            )
+            .await
         }
         (Method::POST, ["v1", "gc"]) => {
-            blocking(state, |p| p.gc().map(|report| json!({ "gc": report })), StatusCode::OK).await
+            blocking(
+                state,
+                |p| p.gc().map(|report| json!({ "gc": report })),
+                StatusCode::OK,
+            )
+            .await
         }
-        (_, ["v1", "leases"] | ["v1", "leases", _] | ["v1", "gc"]) => {
-            error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
-        }
+        (_, ["v1", "leases"] | ["v1", "leases", _] | ["v1", "gc"]) => error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed on this route",
+        ),
         _ => error_response(StatusCode::NOT_FOUND, "no such route; see /v1/leases"),
     }
 }
@@ -171,7 +203,10 @@ fn authorized(state: &ApiState, request: &Request<Incoming>) -> bool {
 }
 
 async fn create(state: &ApiState, request: Request<Incoming>) -> ApiResponse {
-    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES).collect().await {
+    let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
         Ok(collected) => collected.to_bytes(),
         Err(_) => {
             return error_response(
@@ -182,12 +217,12 @@ async fn create(state: &ApiState, request: Request<Incoming>) -> ApiResponse {
     };
     let create: CreateLease = match serde_json::from_slice(&body) {
         Ok(create) => create,
-        Err(err) => {
-            return error_response(
-                StatusCode::BAD_REQUEST,
-                &format!("invalid JSON body: {err}; send {{\"path\": \"/datanet/...\", \"ttl\": \"8h\"}}"),
-            )
-        }
+        Err(err) => return error_response(
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "invalid JSON body: {err}; send {{\"path\": \"/datanet/...\", \"ttl\": \"8h\"}}"
+            ),
+        ),
     };
     let grant_request = match grant_request(create) {
         Ok(request) => request,
@@ -195,16 +230,28 @@ async fn create(state: &ApiState, request: Request<Incoming>) -> ApiResponse {
     };
     blocking(
         state,
-        move |p| p.grant(&grant_request).map(|grant| serde_json::to_value(grant).unwrap_or_default()),
+        move |p| {
+            p.grant(&grant_request)
+                .map(|grant| serde_json::to_value(grant).unwrap_or_default())
+        },
         StatusCode::CREATED,
     )
     .await
 }
 
 fn grant_request(create: CreateLease) -> Result<GrantRequest, ProvisionError> {
-    let ttl = humantime::parse_duration(&create.ttl)
-        .map_err(|err| ProvisionError::invalid("TTL", &create.ttl, format!("{err}; write e.g. \"8h\" or \"90m\"")))?;
-    let client_ip = create.client_ip.as_deref().map(parse_client_ip).transpose()?;
+    let ttl = humantime::parse_duration(&create.ttl).map_err(|err| {
+        ProvisionError::invalid(
+            "TTL",
+            &create.ttl,
+            format!("{err}; write e.g. \"8h\" or \"90m\""),
+        )
+    })?;
+    let client_ip = create
+        .client_ip
+        .as_deref()
+        .map(parse_client_ip)
+        .transpose()?;
     Ok(GrantRequest {
         path: create.path.into(),
         ttl,
@@ -224,7 +271,10 @@ where
         Ok(Err(err)) => provision_error_response(&err),
         Err(err) => {
             tracing::error!(error = %err, "request handler panicked");
-            error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the server log")
+            error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error; see the server log",
+            )
         }
     }
 }
@@ -250,8 +300,9 @@ fn json_response(status: StatusCode, value: serde_json::Value) -> ApiResponse {
     body.push(b'\n');
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     response
 }

@@ -27,7 +27,10 @@ pub fn check_config_text(what: &'static str, value: &str) -> Result<(), Provisio
         return Err(ProvisionError::invalid(
             what,
             value,
-            format!("it contains the control character U+{:04X}; remove it", c as u32),
+            format!(
+                "it contains the control character U+{:04X}; remove it",
+                c as u32
+            ),
         ));
     }
     if let Some(c) = value.chars().find(|c| CONFIG_METACHARACTERS.contains(c)) {
@@ -38,7 +41,11 @@ pub fn check_config_text(what: &'static str, value: &str) -> Result<(), Provisio
         ));
     }
     if value.trim() != value {
-        return Err(ProvisionError::invalid(what, value, "it starts or ends with whitespace, which Samba strips"));
+        return Err(ProvisionError::invalid(
+            what,
+            value,
+            "it starts or ends with whitespace, which Samba strips",
+        ));
     }
     Ok(())
 }
@@ -58,40 +65,67 @@ pub fn check_label(label: &str) -> Result<(), ProvisionError> {
 
 /// Parses the graphical node's address for `hosts allow`.
 pub fn parse_client_ip(text: &str) -> Result<IpAddr, ProvisionError> {
-    text.trim()
-        .parse::<IpAddr>()
-        .map_err(|_| ProvisionError::invalid("client IP", text, "write one IPv4 or IPv6 address such as 10.0.0.5"))
+    text.trim().parse::<IpAddr>().map_err(|_| {
+        ProvisionError::invalid(
+            "client IP",
+            text,
+            "write one IPv4 or IPv6 address such as 10.0.0.5",
+        )
+    })
 }
 
 /// Checks `dir` and returns the canonical directory a share may expose.
 pub fn confine_directory(dir: &Path, allowed_roots: &[PathBuf]) -> Result<PathBuf, ProvisionError> {
-    let text = dir
-        .to_str()
-        .ok_or_else(|| ProvisionError::invalid("path", dir.to_string_lossy(), "it is not valid UTF-8"))?;
+    let text = dir.to_str().ok_or_else(|| {
+        ProvisionError::invalid("path", dir.to_string_lossy(), "it is not valid UTF-8")
+    })?;
     check_config_text("path", text)?;
     if !dir.is_absolute() {
-        return Err(ProvisionError::invalid("path", text, "use an absolute path"));
+        return Err(ProvisionError::invalid(
+            "path",
+            text,
+            "use an absolute path",
+        ));
     }
     // `Path::components` drops `.` segments, so check the text itself.
-    if text.split('/').any(|segment| segment == "." || segment == "..") {
-        return Err(ProvisionError::invalid("path", text, "it has a '.' or '..' segment; give the direct path"));
+    if text
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Err(ProvisionError::invalid(
+            "path",
+            text,
+            "it has a '.' or '..' segment; give the direct path",
+        ));
     }
 
     reject_symlink_components(dir, text)?;
 
-    let canonical = dir
-        .canonicalize()
-        .map_err(|err| ProvisionError::invalid("path", text, format!("cannot resolve it: {err}")))?;
+    let canonical = dir.canonicalize().map_err(|err| {
+        ProvisionError::invalid("path", text, format!("cannot resolve it: {err}"))
+    })?;
     if !canonical.is_dir() {
-        return Err(ProvisionError::invalid("path", text, "it is not a directory"));
+        return Err(ProvisionError::invalid(
+            "path",
+            text,
+            "it is not a directory",
+        ));
     }
     let canonical_text = canonical.to_str().unwrap_or_default();
     check_config_text("path", canonical_text)?;
 
-    let roots: Vec<PathBuf> = allowed_roots.iter().filter_map(|root| root.canonicalize().ok()).collect();
-    let inside = roots.iter().any(|root| canonical.starts_with(root) && canonical != *root);
+    let roots: Vec<PathBuf> = allowed_roots
+        .iter()
+        .filter_map(|root| root.canonicalize().ok())
+        .collect();
+    let inside = roots
+        .iter()
+        .any(|root| canonical.starts_with(root) && canonical != *root);
     if !inside {
-        let listed: Vec<String> = allowed_roots.iter().map(|root| root.display().to_string()).collect();
+        let listed: Vec<String> = allowed_roots
+            .iter()
+            .map(|root| root.display().to_string())
+            .collect();
         return Err(ProvisionError::invalid(
             "path",
             text,
@@ -113,7 +147,11 @@ fn reject_symlink_components(dir: &Path, text: &str) -> Result<(), ProvisionErro
             continue;
         }
         let metadata = std::fs::symlink_metadata(&prefix).map_err(|err| {
-            ProvisionError::invalid("path", text, format!("cannot inspect {}: {err}", prefix.display()))
+            ProvisionError::invalid(
+                "path",
+                text,
+                format!("cannot inspect {}: {err}", prefix.display()),
+            )
         })?;
         if metadata.file_type().is_symlink() {
             let target = std::fs::read_link(&prefix)
@@ -138,17 +176,24 @@ mod tests {
 
     #[test]
     fn config_text_rejects_metacharacters() {
-        for bad in ["a%U", "a\\b", "a\"b", "a\nb", "a\tb", " a", "a ", "", "x\u{7f}"] {
+        for bad in [
+            "a%U", "a\\b", "a\"b", "a\nb", "a\tb", " a", "a ", "", "x\u{7f}",
+        ] {
             assert!(check_config_text("label", bad).is_err(), "{bad:?} accepted");
         }
         for good in ["run 12 (mesh)", "CAE #4", "Strömung", "a;b"] {
-            assert!(check_config_text("label", good).is_ok(), "{good:?} rejected");
+            assert!(
+                check_config_text("label", good).is_ok(),
+                "{good:?} rejected"
+            );
         }
     }
 
     #[test]
     fn long_label_rejected() {
-        let err = check_label(&"x".repeat(MAX_LABEL_CHARS + 1)).unwrap_err().to_string();
+        let err = check_label(&"x".repeat(MAX_LABEL_CHARS + 1))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("longer than"), "{err}");
     }
 
@@ -175,9 +220,13 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let other = tempfile::tempdir().unwrap();
         let roots = [root.path().to_path_buf()];
-        let err = confine_directory(root.path(), &roots).unwrap_err().to_string();
+        let err = confine_directory(root.path(), &roots)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not inside an allowed root"), "{err}");
-        let err = confine_directory(other.path(), &roots).unwrap_err().to_string();
+        let err = confine_directory(other.path(), &roots)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not inside an allowed root"), "{err}");
     }
 
@@ -200,10 +249,14 @@ mod tests {
         std::fs::create_dir_all(real.join("inner")).unwrap();
         std::os::unix::fs::symlink(&real, root.path().join("link")).unwrap();
         let roots = [root.path().to_path_buf()];
-        let err = confine_directory(&root.path().join("link/inner"), &roots).unwrap_err().to_string();
+        let err = confine_directory(&root.path().join("link/inner"), &roots)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("symbolic link"), "{err}");
         std::os::unix::fs::symlink("/etc", root.path().join("etc")).unwrap();
-        let err = confine_directory(&root.path().join("etc"), &roots).unwrap_err().to_string();
+        let err = confine_directory(&root.path().join("etc"), &roots)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("symbolic link to /etc"), "{err}");
     }
 
@@ -224,7 +277,9 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("a%Ub");
         std::fs::create_dir(&dir).unwrap();
-        let err = confine_directory(&dir, &[root.path().to_path_buf()]).unwrap_err().to_string();
+        let err = confine_directory(&dir, &[root.path().to_path_buf()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("'%'"), "{err}");
     }
 }

@@ -33,7 +33,9 @@ pub enum ProvisionError {
     #[error("no lease {id} in {dir}; `samba-provisioner list` shows the current leases")]
     LeaseNotFound { id: String, dir: PathBuf },
 
-    #[error("corrupt lease record {path}: {reason}; move the file away and run `samba-provisioner gc`")]
+    #[error(
+        "corrupt lease record {path}: {reason}; move the file away and run `samba-provisioner gc`"
+    )]
     CorruptLease { path: PathBuf, reason: String },
 
     /// An external tool (`useradd`, `pdbedit`, `net`, `smbcontrol`) exited with an error.
@@ -61,7 +63,11 @@ pub enum ProvisionError {
 }
 
 impl ProvisionError {
-    pub(crate) fn invalid(what: &'static str, value: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn invalid(
+        what: &'static str,
+        value: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
         ProvisionError::InvalidInput {
             what,
             value: value.into(),
@@ -69,7 +75,11 @@ impl ProvisionError {
         }
     }
 
-    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
         ProvisionError::Io {
             action,
             path: path.into(),
@@ -81,7 +91,9 @@ impl ProvisionError {
     pub fn is_client_error(&self) -> bool {
         matches!(
             self,
-            ProvisionError::InvalidInput { .. } | ProvisionError::Token(_) | ProvisionError::LeaseNotFound { .. }
+            ProvisionError::InvalidInput { .. }
+                | ProvisionError::Token(_)
+                | ProvisionError::LeaseNotFound { .. }
         )
     }
 }

@@ -51,7 +51,10 @@ impl<'a> MountInfo<'a> {
 /// Renders the Windows and Linux instructions as text.
 pub fn render_text(claims: &TokenClaims, now: SystemTime) -> String {
     let info = MountInfo::new(claims);
-    let remaining = claims.expires_at_time().duration_since(now).unwrap_or_default();
+    let remaining = claims
+        .expires_at_time()
+        .duration_since(now)
+        .unwrap_or_default();
     let remaining = humantime::format_duration(std::time::Duration::from_secs(remaining.as_secs()));
     let mut out = String::new();
 
@@ -79,7 +82,11 @@ fn render_windows(out: &mut String, info: &MountInfo<'_>) {
         info.unc,
         info.account,
         info.password,
-        if custom_port { format!(" /TCPPORT:{}", info.port) } else { String::new() }
+        if custom_port {
+            format!(" /TCPPORT:{}", info.port)
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(out, "Windows (PowerShell):");
     let _ = writeln!(
@@ -112,9 +119,17 @@ fn render_linux(out: &mut String, info: &MountInfo<'_>) {
     options.push_str(",uid=$(id -u),gid=$(id -g)");
 
     let _ = writeln!(out, "Linux (cifs-utils, as root):");
-    let _ = writeln!(out, "  (umask 077 && printf 'username=%s\\npassword=%s\\n' '{}' '{}' > {credentials})", info.account, info.password);
+    let _ = writeln!(
+        out,
+        "  (umask 077 && printf 'username=%s\\npassword=%s\\n' '{}' '{}' > {credentials})",
+        info.account, info.password
+    );
     let _ = writeln!(out, "  mkdir -p /mnt/{}", info.share);
-    let _ = writeln!(out, "  mount -t cifs //{}/{} /mnt/{} -o {options}", info.server, info.share, info.share);
+    let _ = writeln!(
+        out,
+        "  mount -t cifs //{}/{} /mnt/{} -o {options}",
+        info.server, info.share, info.share
+    );
 }
 
 #[cfg(test)]
@@ -141,12 +156,23 @@ mod tests {
     #[test]
     fn text_has_windows_and_linux_commands() {
         let text = render_text(&claims(4455, false), UNIX_EPOCH + Duration::from_secs(3600));
-        assert!(text.contains("net use Z: \\\\gw1\\dnlabcdef012345 /user:dnlabcdef012345 "), "{text}");
+        assert!(
+            text.contains("net use Z: \\\\gw1\\dnlabcdef012345 /user:dnlabcdef012345 "),
+            "{text}"
+        );
         assert!(text.contains("/TCPPORT:4455"), "{text}");
-        assert!(text.contains("New-SmbMapping -LocalPath Z: -RemotePath '\\\\gw1\\dnlabcdef012345'"), "{text}");
+        assert!(
+            text.contains("New-SmbMapping -LocalPath Z: -RemotePath '\\\\gw1\\dnlabcdef012345'"),
+            "{text}"
+        );
         assert!(text.contains("-TcpPort 4455"), "{text}");
         assert!(text.contains("umask 077"), "{text}");
-        assert!(text.contains("mount -t cifs //gw1/dnlabcdef012345 /mnt/dnlabcdef012345 -o credentials="), "{text}");
+        assert!(
+            text.contains(
+                "mount -t cifs //gw1/dnlabcdef012345 /mnt/dnlabcdef012345 -o credentials="
+            ),
+            "{text}"
+        );
         assert!(text.contains(",seal"), "{text}");
         assert!(text.contains("1h from now"), "{text}");
     }

@@ -61,7 +61,9 @@ impl Lease {
 
 /// Seconds since the Unix epoch; times before it count as zero.
 pub fn unix_seconds(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Formats Unix seconds as an RFC 3339 UTC timestamp.
@@ -71,8 +73,10 @@ pub fn rfc3339(seconds: u64) -> String {
 
 /// Checks the shape of a lease id given on the command line or in a URL.
 pub fn check_lease_id(id: &str) -> Result<(), ProvisionError> {
-    let well_formed =
-        id.len() == LEASE_ID_LEN && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let well_formed = id.len() == LEASE_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
     if !well_formed {
         return Err(ProvisionError::invalid(
             "lease id",
@@ -88,7 +92,9 @@ pub fn is_lease_account_name(name: &str, prefix: &str) -> bool {
     match name.strip_prefix(prefix) {
         Some(suffix) => {
             suffix.len() == ACCOUNT_SUFFIX_LEN
-                && suffix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+                && suffix
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         }
         None => false,
     }

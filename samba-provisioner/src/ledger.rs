@@ -131,8 +131,9 @@ impl Ledger {
         })?);
 
         // NamedTempFile creates the file with mode 0600.
-        let mut file = tempfile::NamedTempFile::new_in(&self.leases_dir)
-            .map_err(|err| ProvisionError::io("create a temporary file in", &self.leases_dir, err))?;
+        let mut file = tempfile::NamedTempFile::new_in(&self.leases_dir).map_err(|err| {
+            ProvisionError::io("create a temporary file in", &self.leases_dir, err)
+        })?;
         file.write_all(&text)
             .and_then(|()| file.as_file().sync_all())
             .map_err(|err| ProvisionError::io("write", file.path().to_path_buf(), err))?;
@@ -177,7 +178,11 @@ impl Ledger {
         for entry in entries {
             let entry = entry.map_err(|err| ProvisionError::io("list", &self.leases_dir, err))?;
             let path = entry.path();
-            let Some(id) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".json")) else {
+            let Some(id) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".json"))
+            else {
                 continue;
             };
             if check_lease_id(id).is_err() {
@@ -191,10 +196,14 @@ impl Ledger {
             };
             match parse_record(&path, &text) {
                 Ok(record) => records.push(record),
-                Err(err) => tracing::error!(path = %path.display(), error = %err, "skipping unreadable lease record"),
+                Err(err) => {
+                    tracing::error!(path = %path.display(), error = %err, "skipping unreadable lease record")
+                }
             }
         }
-        records.sort_by(|a, b| (a.lease.created_at, &a.lease.id).cmp(&(b.lease.created_at, &b.lease.id)));
+        records.sort_by(|a, b| {
+            (a.lease.created_at, &a.lease.id).cmp(&(b.lease.created_at, &b.lease.id))
+        });
         Ok(records)
     }
 
@@ -206,11 +215,15 @@ impl Ledger {
 }
 
 fn parse_record(path: &Path, text: &[u8]) -> Result<LeaseRecord, ProvisionError> {
-    let record: LeaseRecord = serde_json::from_slice(text).map_err(|err| ProvisionError::CorruptLease {
-        path: path.to_path_buf(),
-        reason: err.to_string(),
-    })?;
-    let expected = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+    let record: LeaseRecord =
+        serde_json::from_slice(text).map_err(|err| ProvisionError::CorruptLease {
+            path: path.to_path_buf(),
+            reason: err.to_string(),
+        })?;
+    let expected = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
     if record.lease.id != expected {
         return Err(ProvisionError::CorruptLease {
             path: path.to_path_buf(),
@@ -255,14 +268,25 @@ mod tests {
         let mut updated = record("bbbbbbbbbbbbbbbb", 2);
         updated.lease.state = LeaseState::Active;
         ledger.write(&updated).unwrap();
-        assert_eq!(ledger.read("bbbbbbbbbbbbbbbb").unwrap().lease.state, LeaseState::Active);
+        assert_eq!(
+            ledger.read("bbbbbbbbbbbbbbbb").unwrap().lease.state,
+            LeaseState::Active
+        );
 
-        let ids: Vec<String> = ledger.list().unwrap().into_iter().map(|r| r.lease.id).collect();
+        let ids: Vec<String> = ledger
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.lease.id)
+            .collect();
         assert_eq!(ids, ["aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb"]);
 
         ledger.remove("aaaaaaaaaaaaaaaa").unwrap();
         ledger.remove("aaaaaaaaaaaaaaaa").unwrap();
-        assert!(matches!(ledger.read("aaaaaaaaaaaaaaaa"), Err(ProvisionError::LeaseNotFound { .. })));
+        assert!(matches!(
+            ledger.read("aaaaaaaaaaaaaaaa"),
+            Err(ProvisionError::LeaseNotFound { .. })
+        ));
     }
 
     #[test]
@@ -270,9 +294,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Ledger::open(&dir.path().join("state")).unwrap();
         ledger.write(&record("aaaaaaaaaaaaaaaa", 1)).unwrap();
-        let file_mode = std::fs::metadata(ledger.record_path("aaaaaaaaaaaaaaaa")).unwrap().permissions().mode();
+        let file_mode = std::fs::metadata(ledger.record_path("aaaaaaaaaaaaaaaa"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(file_mode & 0o077, 0, "{file_mode:o}");
-        let dir_mode = std::fs::metadata(&ledger.leases_dir).unwrap().permissions().mode();
+        let dir_mode = std::fs::metadata(&ledger.leases_dir)
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(dir_mode & 0o077, 0, "{dir_mode:o}");
     }
 
@@ -283,7 +313,10 @@ mod tests {
         ledger.write(&record("aaaaaaaaaaaaaaaa", 1)).unwrap();
         std::fs::write(ledger.record_path("cccccccccccccccc"), "{not json").unwrap();
         assert_eq!(ledger.list().unwrap().len(), 1);
-        assert!(matches!(ledger.read("cccccccccccccccc"), Err(ProvisionError::CorruptLease { .. })));
+        assert!(matches!(
+            ledger.read("cccccccccccccccc"),
+            Err(ProvisionError::CorruptLease { .. })
+        ));
     }
 
     #[test]

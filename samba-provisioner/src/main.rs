@@ -23,7 +23,11 @@ use samba_provisioner::{token, GrantRequest, Lease, Provisioner, TokenKey};
 const MAX_TOKEN_BYTES: u64 = 64 * 1024;
 
 #[derive(Parser)]
-#[command(name = "samba-provisioner", version, about = "Temporary Samba users confined to one directory, with expiring tokens")]
+#[command(
+    name = "samba-provisioner",
+    version,
+    about = "Temporary Samba users confined to one directory, with expiring tokens"
+)]
 struct Cli {
     /// Configuration file [default: $DATANET_CONFIG, then /etc/datanet/datanet.toml].
     #[arg(long, global = true)]
@@ -107,9 +111,15 @@ fn parse_ttl(text: &str) -> std::result::Result<Duration, String> {
 
 fn main() {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve { .. }) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
+        )
         .with_writer(std::io::stderr)
         .init();
 
@@ -121,10 +131,23 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Grant { path, ttl, read_only, client_ip, label, json } => {
+        Command::Grant {
+            path,
+            ttl,
+            read_only,
+            client_ip,
+            label,
+            json,
+        } => {
             let provisioner = open_provisioner(cli.config.as_deref())?;
             let client_ip = client_ip.as_deref().map(parse_client_ip).transpose()?;
-            let request = GrantRequest { path, ttl, read_only, client_ip, label };
+            let request = GrantRequest {
+                path,
+                ttl,
+                read_only,
+                client_ip,
+                label,
+            };
             let grant = provisioner.grant(&request)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&grant)?);
@@ -132,7 +155,11 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", grant.token.expose());
             }
         }
-        Command::Decode { file, format, key_file } => decode(cli.config.as_deref(), file.as_deref(), format, key_file)?,
+        Command::Decode {
+            file,
+            format,
+            key_file,
+        } => decode(cli.config.as_deref(), file.as_deref(), format, key_file)?,
         Command::Revoke { id } => {
             let provisioner = open_provisioner(cli.config.as_deref())?;
             let lease = match id {
@@ -170,10 +197,16 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             if !report.failures.is_empty() {
-                bail!("gc could not settle everything: {}", report.failures.join("; "));
+                bail!(
+                    "gc could not settle everything: {}",
+                    report.failures.join("; ")
+                );
             }
         }
-        Command::Serve { listen, gc_interval } => serve(cli.config.as_deref(), listen, gc_interval)?,
+        Command::Serve {
+            listen,
+            gc_interval,
+        } => serve(cli.config.as_deref(), listen, gc_interval)?,
     }
     Ok(())
 }
@@ -188,12 +221,18 @@ fn open_provisioner(config_path: Option<&Path>) -> Result<Provisioner> {
     Ok(Provisioner::new(config.samba()?)?)
 }
 
-fn decode(config_path: Option<&Path>, file: Option<&Path>, format: Format, key_file: Option<PathBuf>) -> Result<()> {
+fn decode(
+    config_path: Option<&Path>,
+    file: Option<&Path>,
+    format: Format,
+    key_file: Option<PathBuf>,
+) -> Result<()> {
     let key = match key_file {
         Some(path) => TokenKey::load(&SecretSource::File(path))?,
         None => {
-            let config = load_config(config_path)
-                .context("decode needs the token key: pass --key-file or a configuration with [samba]")?;
+            let config = load_config(config_path).context(
+                "decode needs the token key: pass --key-file or a configuration with [samba]",
+            )?;
             TokenKey::load(&config.samba()?.token_key)?
         }
     };
@@ -202,7 +241,10 @@ fn decode(config_path: Option<&Path>, file: Option<&Path>, format: Format, key_f
 
     match format {
         Format::Text => print!("{}", render_text(&claims, SystemTime::now())),
-        Format::Json => println!("{}", serde_json::to_string_pretty(&MountInfo::new(&claims))?),
+        Format::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&MountInfo::new(&claims))?
+        ),
     }
     Ok(())
 }
@@ -243,13 +285,20 @@ fn read_token(file: Option<&Path>) -> Result<Zeroizing<String>> {
 }
 
 fn print_table(leases: &[Lease]) {
-    println!("{:<16}  {:<20}  {:<12}  {:<20}  {:<4}  PATH", "ID", "ACCOUNT", "STATE", "EXPIRES", "MODE");
+    println!(
+        "{:<16}  {:<20}  {:<12}  {:<20}  {:<4}  PATH",
+        "ID", "ACCOUNT", "STATE", "EXPIRES", "MODE"
+    );
     for lease in leases {
         let state = serde_json::to_value(lease.state)
             .ok()
             .and_then(|v| v.as_str().map(String::from))
             .unwrap_or_default();
-        let label = lease.label.as_deref().map(|l| format!("  ({l})")).unwrap_or_default();
+        let label = lease
+            .label
+            .as_deref()
+            .map(|l| format!("  ({l})"))
+            .unwrap_or_default();
         println!(
             "{:<16}  {:<20}  {:<12}  {:<20}  {:<4}  {}{label}",
             lease.id,
@@ -265,10 +314,9 @@ fn print_table(leases: &[Lease]) {
 fn serve(config_path: Option<&Path>, listen: SocketAddr, gc_interval: Duration) -> Result<()> {
     let config = load_config(config_path)?;
     let samba = config.samba()?;
-    let source = samba
-        .api_token
-        .as_ref()
-        .context("serve needs samba.api_token_file (a 0600 file with the bearer token) in the configuration")?;
+    let source = samba.api_token.as_ref().context(
+        "serve needs samba.api_token_file (a 0600 file with the bearer token) in the configuration",
+    )?;
     let bearer_token = Zeroizing::new(source.read("samba.api_token")?);
     if gc_interval.is_zero() {
         bail!("--gc-interval must be positive, such as 60s");
@@ -287,14 +335,16 @@ fn serve(config_path: Option<&Path>, listen: SocketAddr, gc_interval: Duration) 
             .await
             .with_context(|| format!("cannot listen on {listen}"))?;
         let shutdown = async {
-            let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler");
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("installing a SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = terminate.recv() => {}
             }
         };
-        samba_provisioner::api::serve(provisioner, bearer_token, listener, gc_interval, shutdown).await?;
+        samba_provisioner::api::serve(provisioner, bearer_token, listener, gc_interval, shutdown)
+            .await?;
         Ok(())
     })
 }

@@ -15,7 +15,9 @@ use serde::Serialize;
 
 use crate::confine::{check_config_text, check_label, confine_directory};
 use crate::failpoint;
-use crate::lease::{check_lease_id, unix_seconds, Lease, LeaseState, ACCOUNT_SUFFIX_LEN, LEASE_ID_LEN};
+use crate::lease::{
+    check_lease_id, unix_seconds, Lease, LeaseState, ACCOUNT_SUFFIX_LEN, LEASE_ID_LEN,
+};
 use crate::ledger::{LeaseRecord, Ledger, SealedToken};
 use crate::samba::Samba;
 use crate::secret::{random_name, Password};
@@ -42,7 +44,10 @@ pub struct Grant {
     pub token: SealedToken,
 }
 
-fn serialize_token<S: serde::Serializer>(token: &SealedToken, serializer: S) -> Result<S::Ok, S::Error> {
+fn serialize_token<S: serde::Serializer>(
+    token: &SealedToken,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(token.expose())
 }
 
@@ -57,12 +62,16 @@ pub struct Provisioner {
 impl Provisioner {
     /// Checks the `[samba]` settings, loads the token key and opens the ledger.
     pub fn new(config: &SambaConfig) -> Result<Provisioner, ProvisionError> {
-        for (key, name) in [("samba.force_user", &config.force_user), ("samba.force_group", &config.force_group)] {
+        for (key, name) in [
+            ("samba.force_user", &config.force_user),
+            ("samba.force_group", &config.force_group),
+        ] {
             if let Some(name) = name {
                 check_unix_name(key, name)?;
             }
         }
-        std::fs::metadata(&config.smb_conf).map_err(|err| ProvisionError::io("read", &config.smb_conf, err))?;
+        std::fs::metadata(&config.smb_conf)
+            .map_err(|err| ProvisionError::io("read", &config.smb_conf, err))?;
 
         let key = TokenKey::load(&config.token_key)?;
         let ledger = Ledger::open(&config.state_dir)?;
@@ -103,7 +112,11 @@ impl Provisioner {
         let ttl_seconds = self.check_ttl(request.ttl)?;
 
         let created_at = unix_seconds(SystemTime::now());
-        let account = format!("{}{}", self.config.account_prefix, random_name(ACCOUNT_SUFFIX_LEN)?);
+        let account = format!(
+            "{}{}",
+            self.config.account_prefix,
+            random_name(ACCOUNT_SUFFIX_LEN)?
+        );
         let mut lease = Lease {
             id: random_name(LEASE_ID_LEN)?,
             share: account.clone(),
@@ -184,13 +197,22 @@ impl Provisioner {
     }
 
     pub fn list(&self) -> Result<Vec<Lease>, ProvisionError> {
-        Ok(self.ledger.list()?.into_iter().map(|record| record.lease).collect())
+        Ok(self
+            .ledger
+            .list()?
+            .into_iter()
+            .map(|record| record.lease)
+            .collect())
     }
 
     fn check_ttl(&self, ttl: Duration) -> Result<u64, ProvisionError> {
         let shown = humantime::format_duration(ttl).to_string();
         if ttl.is_zero() {
-            return Err(ProvisionError::invalid("TTL", shown, "use a positive duration such as \"8h\""));
+            return Err(ProvisionError::invalid(
+                "TTL",
+                shown,
+                "use a positive duration such as \"8h\"",
+            ));
         }
         if ttl > self.config.max_ttl {
             return Err(ProvisionError::invalid(
@@ -206,7 +228,11 @@ impl Provisioner {
         Ok(ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0))
     }
 
-    pub(crate) fn seal_token(&self, lease: &Lease, password: &Password) -> Result<SealedToken, ProvisionError> {
+    pub(crate) fn seal_token(
+        &self,
+        lease: &Lease,
+        password: &Password,
+    ) -> Result<SealedToken, ProvisionError> {
         let claims = TokenClaims {
             lease_id: lease.id.clone(),
             server: self.config.server.clone(),
@@ -239,7 +265,12 @@ impl Provisioner {
     /// Creates the account chain (Unix account, passdb entry, expiry) and the share.
     /// The share does not depend on the account, so a second thread imports it while
     /// the account chain runs. The lease record already covers any subset of objects.
-    fn create_objects(&self, lease: &Lease, password: &Password, share: &ShareDefinition) -> Result<(), ProvisionError> {
+    fn create_objects(
+        &self,
+        lease: &Lease,
+        password: &Password,
+        share: &ShareDefinition,
+    ) -> Result<(), ProvisionError> {
         std::thread::scope(|scope| {
             let share_import = scope.spawn(|| {
                 self.samba.import_share(share)?;
@@ -259,7 +290,9 @@ impl Provisioner {
                 Ok(())
             })();
 
-            let share_result = share_import.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let share_result = share_import
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             account.and(share_result)
         })
     }
@@ -280,7 +313,9 @@ impl Provisioner {
             let passdb = self.samba.remove_user(&lease.account);
             failpoint::hit("revoke:passdb");
 
-            let share_result = share_removal.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let share_result = share_removal
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             passdb.and(share_result)
         })?;
 

@@ -76,7 +76,9 @@ impl Provisioner {
             revokes_finished = report.revokes_finished.len(),
             repaired = report.repaired.len(),
             dropped = report.dropped.len(),
-            orphans = report.orphan_shares.len() + report.orphan_passdb_entries.len() + report.orphan_accounts.len(),
+            orphans = report.orphan_shares.len()
+                + report.orphan_passdb_entries.len()
+                + report.orphan_accounts.len(),
             failures = report.failures.len(),
             "gc finished"
         );
@@ -87,7 +89,9 @@ impl Provisioner {
         let prefix = &self.config.account_prefix;
         let accounts = unix_account::list(prefix)?
             .into_iter()
-            .filter(|account| is_lease_account_name(&account.name, prefix) && account.is_lease_account())
+            .filter(|account| {
+                is_lease_account_name(&account.name, prefix) && account.is_lease_account()
+            })
             .map(|account| account.name)
             .collect();
         let passdb_entries = self
@@ -194,26 +198,52 @@ impl Provisioner {
         self.ledger.remove(&lease.id)
     }
 
-    fn remove_orphans(&self, inventory: &Inventory, owned: &BTreeSet<String>, report: &mut GcReport) {
+    fn remove_orphans(
+        &self,
+        inventory: &Inventory,
+        owned: &BTreeSet<String>,
+        report: &mut GcReport,
+    ) {
         for share in inventory.shares.difference(owned) {
             let result = self.samba.share_comment(share).and_then(|comment| {
                 if !comment.is_some_and(|c| c.starts_with(SHARE_COMMENT)) {
-                    tracing::warn!(share, "leaving a share with the lease name shape but no lease comment");
+                    tracing::warn!(
+                        share,
+                        "leaving a share with the lease name shape but no lease comment"
+                    );
                     return Ok(false);
                 }
                 self.samba.remove_share(share)?;
                 self.close_share(share)?;
                 Ok(true)
             });
-            record_orphan(result, "share", share, &mut report.orphan_shares, &mut report.failures);
+            record_orphan(
+                result,
+                "share",
+                share,
+                &mut report.orphan_shares,
+                &mut report.failures,
+            );
         }
         for name in inventory.passdb_entries.difference(owned) {
             let result = self.samba.remove_user(name).map(|()| true);
-            record_orphan(result, "passdb entry", name, &mut report.orphan_passdb_entries, &mut report.failures);
+            record_orphan(
+                result,
+                "passdb entry",
+                name,
+                &mut report.orphan_passdb_entries,
+                &mut report.failures,
+            );
         }
         for name in inventory.accounts.difference(owned) {
             let result = unix_account::remove(name).map(|()| true);
-            record_orphan(result, "Unix account", name, &mut report.orphan_accounts, &mut report.failures);
+            record_orphan(
+                result,
+                "Unix account",
+                name,
+                &mut report.orphan_accounts,
+                &mut report.failures,
+            );
         }
     }
 }

@@ -43,7 +43,8 @@ impl Samba {
     /// Adds a passdb entry for an existing Unix account. The password goes to
     /// `pdbedit -t` on standard input, twice, because pdbedit reads a confirmation.
     pub fn add_user(&self, name: &str, password: &Password) -> Result<(), ProvisionError> {
-        let mut input = zeroize::Zeroizing::new(Vec::with_capacity(2 * password.expose().len() + 2));
+        let mut input =
+            zeroize::Zeroizing::new(Vec::with_capacity(2 * password.expose().len() + 2));
         for _ in 0..2 {
             input.extend_from_slice(password.expose().as_bytes());
             input.push(b'\n');
@@ -74,7 +75,12 @@ impl Samba {
 
     /// Removes a passdb entry; an entry that does not exist is not an error.
     pub fn remove_user(&self, name: &str) -> Result<(), ProvisionError> {
-        let output = run("pdbedit", &["-s", self.conf(), "-x", "-u", name], None, "removing the Samba user")?;
+        let output = run(
+            "pdbedit",
+            &["-s", self.conf(), "-x", "-u", name],
+            None,
+            "removing the Samba user",
+        )?;
         if output.success || output.stderr.contains("does not exist") {
             return Ok(());
         }
@@ -82,7 +88,13 @@ impl Samba {
     }
 
     pub fn list_users(&self) -> Result<Vec<PassdbEntry>, ProvisionError> {
-        let output = run("pdbedit", &["-s", self.conf(), "-L"], None, "listing Samba users")?.check()?;
+        let output = run(
+            "pdbedit",
+            &["-s", self.conf(), "-L"],
+            None,
+            "listing Samba users",
+        )?
+        .check()?;
         Ok(output
             .stdout
             .lines()
@@ -136,8 +148,20 @@ impl Samba {
     }
 
     pub fn list_shares(&self) -> Result<Vec<String>, ProvisionError> {
-        let output = run("net", &["conf", "listshares", "-s", self.conf()], None, "listing registry shares")?.check()?;
-        Ok(output.stdout.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+        let output = run(
+            "net",
+            &["conf", "listshares", "-s", self.conf()],
+            None,
+            "listing registry shares",
+        )?
+        .check()?;
+        Ok(output
+            .stdout
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
     }
 
     /// Returns a registry share's `comment`, or `None` when it has none.
@@ -183,7 +207,10 @@ impl Samba {
             return Err(ProvisionError::invalid(
                 "smb.conf setting `server min protocol`",
                 protocol,
-                format!("leases require SMB3; add `server min protocol = SMB3` to [global] of {}", self.smb_conf.display()),
+                format!(
+                    "leases require SMB3; add `server min protocol = SMB3` to [global] of {}",
+                    self.smb_conf.display()
+                ),
             ));
         }
         Ok(())
@@ -191,7 +218,13 @@ impl Samba {
 
     fn global_parameter(&self, name: &str) -> Result<String, ProvisionError> {
         let parameter = format!("--parameter-name={name}");
-        let output = run("testparm", &["-s", &parameter, self.conf()], None, "reading smb.conf")?.check()?;
+        let output = run(
+            "testparm",
+            &["-s", &parameter, self.conf()],
+            None,
+            "reading smb.conf",
+        )?
+        .check()?;
         Ok(output.stdout.trim().to_string())
     }
 }

@@ -63,7 +63,10 @@ pub struct Password(Zeroizing<String>);
 impl Password {
     /// Generates a password of [`PASSWORD_LEN`] random letters and digits.
     pub fn generate() -> Result<Password, RandomError> {
-        Ok(Password(Zeroizing::new(random_string(ALPHANUMERIC, PASSWORD_LEN)?)))
+        Ok(Password(Zeroizing::new(random_string(
+            ALPHANUMERIC,
+            PASSWORD_LEN,
+        )?)))
     }
 
     /// Wraps a password read from a token.
@@ -129,7 +132,11 @@ mod tests {
     fn random_name_uses_lowercase_alphabet() {
         let name = random_name(200).unwrap();
         assert_eq!(name.len(), 200);
-        assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()), "{name}");
+        assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+            "{name}"
+        );
     }
 
     #[test]

@@ -94,7 +94,15 @@ pub fn supports_user_xattrs(dir: &Path) -> bool {
     let value = b"1";
     // SAFETY: both strings are NUL-terminated and outlive the calls; `value` is valid
     // for `value.len()` bytes.
-    let set = unsafe { libc::lsetxattr(path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) };
+    let set = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
     if set != 0 {
         return false;
     }
@@ -142,7 +150,10 @@ mod tests {
             "\tserver smb encrypt = required",
             "\tread only = no",
         ] {
-            assert!(section.lines().any(|l| l == line), "missing {line:?} in\n{section}");
+            assert!(
+                section.lines().any(|l| l == line),
+                "missing {line:?} in\n{section}"
+            );
         }
         assert!(!section.contains("store dos attributes"), "{section}");
     }
@@ -153,7 +164,10 @@ mod tests {
         share.user_xattrs = false;
         share.client_ip = None;
         let section = share.to_section().unwrap();
-        assert!(section.contains("\tstore dos attributes = no\n"), "{section}");
+        assert!(
+            section.contains("\tstore dos attributes = no\n"),
+            "{section}"
+        );
         assert!(section.contains("\tea support = no\n"), "{section}");
         assert!(!section.contains("hosts allow"), "{section}");
     }
@@ -176,9 +190,19 @@ mod tests {
         if supports_user_xattrs(dir.path()) {
             let path = CString::new(dir.path().as_os_str().as_bytes()).unwrap();
             // SAFETY: a null buffer of size 0 only requests the value's size.
-            let size = unsafe { libc::lgetxattr(path.as_ptr(), c"user.datanet.probe".as_ptr(), std::ptr::null_mut(), 0) };
+            let size = unsafe {
+                libc::lgetxattr(
+                    path.as_ptr(),
+                    c"user.datanet.probe".as_ptr(),
+                    std::ptr::null_mut(),
+                    0,
+                )
+            };
             assert_eq!(size, -1, "the probe attribute was left behind");
-            assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::ENODATA));
+            assert_eq!(
+                std::io::Error::last_os_error().raw_os_error(),
+                Some(libc::ENODATA)
+            );
         }
     }
 }

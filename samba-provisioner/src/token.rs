@@ -70,11 +70,15 @@ impl TokenKey {
     pub fn from_hex(text: &str) -> Result<TokenKey, TokenError> {
         let text = text.trim();
         if text.len() != KEY_LEN * 2 {
-            return Err(TokenError::InvalidKey(format!("expected 64 hex characters, found {}", text.len())));
+            return Err(TokenError::InvalidKey(format!(
+                "expected 64 hex characters, found {}",
+                text.len()
+            )));
         }
         let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
-        hex::decode_to_slice(text, bytes.as_mut())
-            .map_err(|_| TokenError::InvalidKey("the key contains characters other than 0-9 and a-f".into()))?;
+        hex::decode_to_slice(text, bytes.as_mut()).map_err(|_| {
+            TokenError::InvalidKey("the key contains characters other than 0-9 and a-f".into())
+        })?;
         Ok(TokenKey(bytes))
     }
 
@@ -135,7 +139,13 @@ pub fn seal(key: &TokenKey, claims: &TokenClaims) -> Result<String, crate::Provi
     let aad = associated_data(TOKEN_VERSION);
     let ciphertext = key
         .cipher()
-        .encrypt(XNonce::from_slice(&nonce), Payload { msg: &plaintext, aad: &aad })
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: &plaintext,
+                aad: &aad,
+            },
+        )
         .map_err(|_| TokenError::Seal("encryption failed".into()))?;
 
     let mut bytes = Vec::with_capacity(1 + NONCE_LEN + ciphertext.len());
@@ -160,7 +170,9 @@ pub fn open(key: &TokenKey, text: &str) -> Result<TokenClaims, TokenError> {
         base64::DecodeError::InvalidLastSymbol(..) => TokenError::Truncated {
             detail: "its last character is incomplete".into(),
         },
-        other => TokenError::Malformed { detail: other.to_string() },
+        other => TokenError::Malformed {
+            detail: other.to_string(),
+        },
     })?;
 
     let minimum = 1 + NONCE_LEN + TAG_LEN;
@@ -178,20 +190,32 @@ pub fn open(key: &TokenKey, text: &str) -> Result<TokenClaims, TokenError> {
     let aad = associated_data(version);
     let plaintext = Zeroizing::new(
         key.cipher()
-            .decrypt(XNonce::from_slice(nonce), Payload { msg: ciphertext, aad: &aad })
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ciphertext,
+                    aad: &aad,
+                },
+            )
             .map_err(|_| TokenError::Forged)?,
     );
 
     let claims: TokenClaims =
         serde_json::from_slice(&plaintext).map_err(|err| TokenError::Claims(err.to_string()))?;
     if !claims.password.is_well_formed() {
-        return Err(TokenError::Claims("the password is not 24 or more letters and digits".into()));
+        return Err(TokenError::Claims(
+            "the password is not 24 or more letters and digits".into(),
+        ));
     }
     Ok(claims)
 }
 
 /// Opens a token and rejects it when it expired at or before `now`.
-pub fn open_unexpired(key: &TokenKey, text: &str, now: SystemTime) -> Result<TokenClaims, TokenError> {
+pub fn open_unexpired(
+    key: &TokenKey,
+    text: &str,
+    now: SystemTime,
+) -> Result<TokenClaims, TokenError> {
     let claims = open(key, text)?;
     let expires = claims.expires_at_time();
     if expires <= now {
@@ -225,7 +249,11 @@ mod tests {
     }
 
     fn far_future() -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 3600
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600
     }
 
     #[test]
@@ -245,7 +273,11 @@ mod tests {
         let original = claims(far_future());
         let text = seal(&key, &original).unwrap();
         assert!(!text.contains(original.password.expose()));
-        assert!(text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{text}");
+        assert!(
+            text.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "{text}"
+        );
     }
 
     #[test]
@@ -266,7 +298,10 @@ mod tests {
         for keep in [0, 5, 30, text.len() / 2, text.len() - 1] {
             let err = open(&key, &text[..keep]).unwrap_err();
             assert!(
-                matches!(err, TokenError::Empty | TokenError::Truncated { .. } | TokenError::Forged),
+                matches!(
+                    err,
+                    TokenError::Empty | TokenError::Truncated { .. } | TokenError::Forged
+                ),
                 "kept {keep}: {err}"
             );
         }
@@ -283,7 +318,11 @@ mod tests {
     #[test]
     fn expired_token_is_rejected() {
         let key = TokenKey::from_hex(KEY_HEX).unwrap();
-        let past = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() - 10;
+        let past = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            - 10;
         let text = seal(&key, &claims(past)).unwrap();
         let err = open_unexpired(&key, &text, SystemTime::now()).unwrap_err();
         assert!(matches!(err, TokenError::Expired { .. }), "{err}");
@@ -297,7 +336,10 @@ mod tests {
         let mut bytes = URL_SAFE_NO_PAD.decode(&text).unwrap();
         bytes[0] = 9;
         let err = open(&key, &URL_SAFE_NO_PAD.encode(bytes)).unwrap_err();
-        assert!(matches!(err, TokenError::UnsupportedVersion { found: 9 }), "{err}");
+        assert!(
+            matches!(err, TokenError::UnsupportedVersion { found: 9 }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,7 +25,11 @@ pub struct ToolOutput {
 impl ToolOutput {
     /// Turns a failed run into an error carrying its standard error.
     pub fn into_error(self) -> ProvisionError {
-        let stderr = one_line(if self.stderr.trim().is_empty() { &self.stdout } else { &self.stderr });
+        let stderr = one_line(if self.stderr.trim().is_empty() {
+            &self.stdout
+        } else {
+            &self.stderr
+        });
         ProvisionError::Tool {
             program: self.program,
             action: self.action,
@@ -46,7 +50,12 @@ impl ToolOutput {
 
 /// Runs `program` with `args`, writing `stdin` to its standard input, and returns its
 /// output whatever the exit status.
-pub fn run(program: &str, args: &[&str], stdin: Option<&[u8]>, action: &str) -> Result<ToolOutput, ProvisionError> {
+pub fn run(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    action: &str,
+) -> Result<ToolOutput, ProvisionError> {
     let spawn_error = |source| ProvisionError::Spawn {
         program: program.to_string(),
         action: action.to_string(),
@@ -56,7 +65,11 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&[u8]>, action: &str) -> 
     let mut child = Command::new(program)
         .args(args)
         .env("LC_ALL", "C")
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -85,7 +98,11 @@ pub fn run(program: &str, args: &[&str], stdin: Option<&[u8]>, action: &str) -> 
 /// Joins the non-empty lines of a tool's message and bounds its length.
 fn one_line(text: &str) -> String {
     const MAX_CHARS: usize = 600;
-    let joined: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let joined: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     let joined = joined.join(" | ");
     if joined.chars().count() > MAX_CHARS {
         let cut: String = joined.chars().take(MAX_CHARS).collect();
@@ -110,7 +127,13 @@ mod tests {
 
     #[test]
     fn failure_carries_stderr() {
-        let output = run("sh", &["-c", "echo first >&2; echo second >&2; exit 3"], None, "testing").unwrap();
+        let output = run(
+            "sh",
+            &["-c", "echo first >&2; echo second >&2; exit 3"],
+            None,
+            "testing",
+        )
+        .unwrap();
         let err = output.check().unwrap_err().to_string();
         assert!(err.contains("first | second"), "{err}");
         assert!(err.contains("while testing"), "{err}");

@@ -63,7 +63,9 @@ pub fn create(name: &str, lease_id: &str) -> Result<(), ProvisionError> {
         "--",
         name,
     ];
-    let _guard = ACCOUNT_CHANGES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = ACCOUNT_CHANGES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     retry_while("useradd", &args, "creating the lease account", |output| {
         output.code == Some(USERADD_CANNOT_UPDATE) && is_lock_message(&output.stderr)
     })?
@@ -73,10 +75,15 @@ pub fn create(name: &str, lease_id: &str) -> Result<(), ProvisionError> {
 
 /// Removes an account; an account that does not exist is not an error.
 pub fn remove(name: &str) -> Result<(), ProvisionError> {
-    let _guard = ACCOUNT_CHANGES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let output = retry_while("userdel", &["--", name], "removing the lease account", |output| {
-        output.code == Some(USERDEL_USER_BUSY) || is_lock_message(&output.stderr)
-    })?;
+    let _guard = ACCOUNT_CHANGES
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let output = retry_while(
+        "userdel",
+        &["--", name],
+        "removing the lease account",
+        |output| output.code == Some(USERDEL_USER_BUSY) || is_lock_message(&output.stderr),
+    )?;
     if output.success || output.code == Some(USERDEL_NO_SUCH_USER) {
         return Ok(());
     }
@@ -85,7 +92,8 @@ pub fn remove(name: &str) -> Result<(), ProvisionError> {
 
 /// Lists the accounts in `/etc/passwd` whose name starts with `prefix`.
 pub fn list(prefix: &str) -> Result<Vec<UnixAccount>, ProvisionError> {
-    let text = std::fs::read_to_string(PASSWD_PATH).map_err(|err| ProvisionError::io("read", PASSWD_PATH, err))?;
+    let text = std::fs::read_to_string(PASSWD_PATH)
+        .map_err(|err| ProvisionError::io("read", PASSWD_PATH, err))?;
     Ok(parse_passwd(&text)
         .into_iter()
         .filter(|account| account.name.starts_with(prefix))

@@ -40,9 +40,16 @@ impl Mounted {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !is_mounted(mountpoint) {
             if let Ok(Some(status)) = mounted.child.try_wait() {
-                panic!("datanet mount exited with {status}; log:\n{}", mounted.log_text());
+                panic!(
+                    "datanet mount exited with {status}; log:\n{}",
+                    mounted.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "not mounted within 20 s; log:\n{}", mounted.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "not mounted within 20 s; log:\n{}",
+                mounted.log_text()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         mounted
@@ -56,9 +63,15 @@ impl Mounted {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if is_mounted(&self.mountpoint) {
-            let unmounted = Command::new("fusermount3").arg("-u").arg(&self.mountpoint).status();
+            let unmounted = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.mountpoint)
+                .status();
             if !matches!(unmounted, Ok(status) if status.success()) {
-                let _ = Command::new("fusermount3").arg("-uz").arg(&self.mountpoint).status();
+                let _ = Command::new("fusermount3")
+                    .arg("-uz")
+                    .arg(&self.mountpoint)
+                    .status();
             }
         }
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -85,14 +98,20 @@ impl Drop for RemoveOnDrop {
 fn is_mounted(path: &Path) -> bool {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let wanted = path.display().to_string();
-    mounts.lines().any(|line| line.split_whitespace().nth(1) == Some(wanted.as_str()))
+    mounts
+        .lines()
+        .any(|line| line.split_whitespace().nth(1) == Some(wanted.as_str()))
 }
 
 /// Returns the `datanet` binary of the same build, next to this test's `deps` directory.
 fn datanet_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let binary = exe.parent().and_then(Path::parent).unwrap().join("datanet");
-    assert!(binary.exists(), "{} is missing: build it with `cargo build -p datanet`", binary.display());
+    assert!(
+        binary.exists(),
+        "{} is missing: build it with `cargo build -p datanet`",
+        binary.display()
+    );
     binary
 }
 
@@ -104,8 +123,16 @@ fn id_of(flag: &str, name: &str) -> String {
 
 fn create_bucket(name: &str) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/garage.sh");
-    let output = Command::new("bash").arg(&script).args(["bucket", name]).output().unwrap();
-    assert!(output.status.success(), "scripts/garage.sh bucket {name}: {}", all_output(&output));
+    let output = Command::new("bash")
+        .arg(&script)
+        .args(["bucket", name])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "scripts/garage.sh bucket {name}: {}",
+        all_output(&output)
+    );
 }
 
 fn space_toml(bucket: &str, cache_dir: &Path) -> String {
@@ -126,7 +153,10 @@ fn space_toml(bucket: &str, cache_dir: &Path) -> String {
 fn object_keys(config_text: &str, prefix: &str) -> Vec<String> {
     let config = datanet::Config::parse(config_text, Path::new("fuse-test.toml")).unwrap();
     let space = datanet::open_space(&config.spaces["cae"]).unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let mut keys: Vec<String> = runtime.block_on(async {
         let mut listing = space.store.list(None);
         let mut keys = Vec::new();
@@ -135,7 +165,9 @@ fn object_keys(config_text: &str, prefix: &str) -> Vec<String> {
         }
         keys
     });
-    keys.retain(|key| key.starts_with(prefix) && !key.ends_with('/') && key != prefix.trim_end_matches('/'));
+    keys.retain(|key| {
+        key.starts_with(prefix) && !key.ends_with('/') && key != prefix.trim_end_matches('/')
+    });
     keys.sort();
     keys
 }
@@ -148,7 +180,10 @@ fn wait_for_keys(config_text: &str, prefix: &str, expected: &[&str]) {
         if keys == expected {
             return;
         }
-        assert!(Instant::now() < deadline, "bucket keys {keys:?}, expected {expected:?}");
+        assert!(
+            Instant::now() < deadline,
+            "bucket keys {keys:?}, expected {expected:?}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -156,7 +191,10 @@ fn wait_for_keys(config_text: &str, prefix: &str, expected: &[&str]) {
 #[test]
 fn rename_inside_garage_mount() {
     let stack_dir = PathBuf::from(require_env("DATANET_RUN_DIR")).join("samba-provisioner-tests");
-    let bucket = format!("sp-fuse-{}", samba_provisioner::secret::random_name(8).unwrap());
+    let bucket = format!(
+        "sp-fuse-{}",
+        samba_provisioner::secret::random_name(8).unwrap()
+    );
     create_bucket(&bucket);
     let work = stack_dir.join(&bucket);
     let config_text = space_toml(&bucket, &work.join("cache"));
@@ -166,7 +204,11 @@ fn rename_inside_garage_mount() {
     std::fs::write(work.join("datanet.toml"), &config_text).unwrap();
 
     // Declared before the environment, so leases are revoked before the unmount.
-    let mounted = Mounted::start(&work.join("datanet.toml"), &work.join("mnt"), &work.join("datanet.log"));
+    let mounted = Mounted::start(
+        &work.join("datanet.toml"),
+        &work.join("mnt"),
+        &work.join("datanet.log"),
+    );
     let mountpoint = mounted.mountpoint.to_str().unwrap().to_string();
     let env = TestEnv::with_settings("fuse", &[("allowed_roots", &format!("[\"{mountpoint}\"]"))]);
 
@@ -176,12 +218,19 @@ fn rename_inside_garage_mount() {
     let share = env.run_ok(&["list", "--json"], None);
     assert!(share.contains("cae/session"), "{share}");
     let conf = env.stack.smb_conf.to_str().unwrap();
-    let section = Command::new("net").args(["conf", "showshare", "-s", conf, &mount.share]).output().unwrap();
+    let section = Command::new("net")
+        .args(["conf", "showshare", "-s", conf, &mount.share])
+        .output()
+        .unwrap();
     // Samba stores DOS attributes in user xattrs: the mount must take them, or the
     // share must not ask for them.
     let dos_attributes_off = common::stdout(&section).contains("store dos attributes = no");
     let xattrs = samba_provisioner::share::supports_user_xattrs(&dir);
-    assert!(xattrs || dos_attributes_off, "no user xattrs and DOS attributes on: {}", common::stdout(&section));
+    assert!(
+        xattrs || dos_attributes_off,
+        "no user xattrs and DOS attributes on: {}",
+        common::stdout(&section)
+    );
     assert_eq!(dos_attributes_off, !xattrs, "{}", common::stdout(&section));
 
     let source = env.work_file("n.txt", "hi\n");
@@ -191,7 +240,12 @@ fn rename_inside_garage_mount() {
         &mount,
         &format!("put {source} \"New Text Document (7).txt\"; rename \"New Text Document (7).txt\" \"test.txt\"; ls"),
     );
-    assert!(!all_output(&output).contains("NT_STATUS"), "{}\nmount log:\n{}", all_output(&output), mounted.log_text());
+    assert!(
+        !all_output(&output).contains("NT_STATUS"),
+        "{}\nmount log:\n{}",
+        all_output(&output),
+        mounted.log_text()
+    );
     wait_for_keys(&config_text, "session/", &["session/test.txt"]);
 
     let output = env.smbclient(
@@ -199,7 +253,19 @@ fn rename_inside_garage_mount() {
         &mount,
         &format!("put {source} \"a b#c%d.txt\"; rename \"a b#c%d.txt\" \"e f.txt\"; put {source} test.txt; ls"),
     );
-    assert!(!all_output(&output).contains("NT_STATUS"), "{}\nmount log:\n{}", all_output(&output), mounted.log_text());
-    wait_for_keys(&config_text, "session/", &["session/e f.txt", "session/test.txt"]);
-    assert_eq!(std::fs::read_to_string(dir.join("e f.txt")).unwrap(), "hi\n");
+    assert!(
+        !all_output(&output).contains("NT_STATUS"),
+        "{}\nmount log:\n{}",
+        all_output(&output),
+        mounted.log_text()
+    );
+    wait_for_keys(
+        &config_text,
+        "session/",
+        &["session/e f.txt", "session/test.txt"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("e f.txt")).unwrap(),
+        "hi\n"
+    );
 }

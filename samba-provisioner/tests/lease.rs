@@ -32,20 +32,40 @@ fn grant_reads_writes_with_force_user() {
     let output = env.smbclient(
         &mount.share,
         &mount,
-        &format!("put {} result.txt; get input.inp {}; ls", upload.display(), download.display()),
+        &format!(
+            "put {} result.txt; get input.inp {}; ls",
+            upload.display(),
+            download.display()
+        ),
     );
     assert!(output.status.success(), "{}", all_output(&output));
-    assert!(stdout(&output).contains("result.txt"), "{}", all_output(&output));
+    assert!(
+        stdout(&output).contains("result.txt"),
+        "{}",
+        all_output(&output)
+    );
 
     let written = dir.join("result.txt");
-    assert_eq!(std::fs::read_to_string(&written).unwrap(), "written from the node\n");
-    assert_eq!(std::fs::metadata(&written).unwrap().uid(), uid_of(FORCE_USER));
-    assert_eq!(std::fs::read_to_string(&download).unwrap(), "*NODE\n1, 0, 0, 0\n");
+    assert_eq!(
+        std::fs::read_to_string(&written).unwrap(),
+        "written from the node\n"
+    );
+    assert_eq!(
+        std::fs::metadata(&written).unwrap().uid(),
+        uid_of(FORCE_USER)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&download).unwrap(),
+        "*NODE\n1, 0, 0, 0\n"
+    );
 
     let listing = env.run_ok(&["list"], None);
     assert!(listing.contains(&mount.lease_id), "{listing}");
     assert!(listing.contains("mesh session 1"), "{listing}");
-    assert!(!listing.contains(&mount.password), "list shows the password: {listing}");
+    assert!(
+        !listing.contains(&mount.password),
+        "list shows the password: {listing}"
+    );
 }
 
 #[test]
@@ -57,13 +77,25 @@ fn read_only_lease_rejects_writes() {
     let mount = env.mount(&token);
 
     let download = env.work_path("result.frd");
-    let output = env.smbclient(&mount.share, &mount, &format!("get result.frd {}", download.display()));
+    let output = env.smbclient(
+        &mount.share,
+        &mount,
+        &format!("get result.frd {}", download.display()),
+    );
     assert!(output.status.success(), "{}", all_output(&output));
     assert_eq!(std::fs::read_to_string(&download).unwrap(), "frd");
 
     let upload = env.work_file("upload.txt", "x");
-    let output = env.smbclient(&mount.share, &mount, &format!("put {} new.txt", upload.display()));
-    assert!(all_output(&output).contains("NT_STATUS_ACCESS_DENIED"), "{}", all_output(&output));
+    let output = env.smbclient(
+        &mount.share,
+        &mount,
+        &format!("put {} new.txt", upload.display()),
+    );
+    assert!(
+        all_output(&output).contains("NT_STATUS_ACCESS_DENIED"),
+        "{}",
+        all_output(&output)
+    );
     assert!(!dir.join("new.txt").exists());
 }
 
@@ -86,24 +118,69 @@ fn share_is_confined_to_its_directory() {
     let text = all_output(&output);
     assert!(!text.contains("outside"), "`cd ..` left the share: {text}");
 
-    let output = env.smbclient(&mount.share, &mount, &format!("get ../outside/secret.txt {}", target.display()));
-    assert!(!target.exists(), "`..` path read a file outside: {}", all_output(&output));
+    let output = env.smbclient(
+        &mount.share,
+        &mount,
+        &format!("get ../outside/secret.txt {}", target.display()),
+    );
+    assert!(
+        !target.exists(),
+        "`..` path read a file outside: {}",
+        all_output(&output)
+    );
 
-    let output = env.smbclient(&mount.share, &mount, &format!("get etc/passwd {}", target.display()));
-    assert!(!target.exists(), "symlink to /etc was followed: {}", all_output(&output));
+    let output = env.smbclient(
+        &mount.share,
+        &mount,
+        &format!("get etc/passwd {}", target.display()),
+    );
+    assert!(
+        !target.exists(),
+        "symlink to /etc was followed: {}",
+        all_output(&output)
+    );
     let output = env.smbclient(&mount.share, &mount, "ls etc/*");
-    assert!(!stdout(&output).contains("passwd"), "{}", all_output(&output));
+    assert!(
+        !stdout(&output).contains("passwd"),
+        "{}",
+        all_output(&output)
+    );
 
-    let output = env.smbclient(&mount.share, &mount, &format!("get secret-link.txt {}", target.display()));
-    assert!(!target.exists(), "symlink leaving the share was followed: {}", all_output(&output));
+    let output = env.smbclient(
+        &mount.share,
+        &mount,
+        &format!("get secret-link.txt {}", target.display()),
+    );
+    assert!(
+        !target.exists(),
+        "symlink leaving the share was followed: {}",
+        all_output(&output)
+    );
 
     let output = env.smbclient(&other.share, &mount, "ls");
-    assert!(!output.status.success(), "another lease's share accepted this account: {}", all_output(&output));
-    assert!(all_output(&output).contains("NT_STATUS_ACCESS_DENIED"), "{}", all_output(&output));
+    assert!(
+        !output.status.success(),
+        "another lease's share accepted this account: {}",
+        all_output(&output)
+    );
+    assert!(
+        all_output(&output).contains("NT_STATUS_ACCESS_DENIED"),
+        "{}",
+        all_output(&output)
+    );
 
     let guest = env.work_file("guest.auth", "username=nobody-at-all\npassword=wrong\n");
-    let output = env.smbclient_command(&mount.share, &guest).arg("-c").arg("ls").output().unwrap();
-    assert!(!output.status.success(), "a guest reached the share: {}", all_output(&output));
+    let output = env
+        .smbclient_command(&mount.share, &guest)
+        .arg("-c")
+        .arg("ls")
+        .output()
+        .unwrap();
+    assert!(
+        !output.status.success(),
+        "a guest reached the share: {}",
+        all_output(&output)
+    );
 }
 
 #[test]
@@ -132,7 +209,11 @@ fn revoke_cuts_open_connection() {
     }
 
     let output = env.smbclient(&mount.share, &mount, "ls");
-    assert!(!output.status.success(), "a new login worked after revoke: {}", all_output(&output));
+    assert!(
+        !output.status.success(),
+        "a new login worked after revoke: {}",
+        all_output(&output)
+    );
     assert!(env.samba_objects().is_empty(), "{:?}", env.samba_objects());
     assert!(env.lease_ids().is_empty());
 }
@@ -150,7 +231,11 @@ fn revoke_by_id_removes_everything() {
 
     let output = env.run(&["revoke", &mount.lease_id], None);
     assert!(!output.status.success());
-    assert!(all_output(&output).contains("no lease"), "{}", all_output(&output));
+    assert!(
+        all_output(&output).contains("no lease"),
+        "{}",
+        all_output(&output)
+    );
 }
 
 #[test]
@@ -161,15 +246,30 @@ fn short_ttl_expires_in_samba() {
     let mount = env.mount(&token);
 
     let output = env.smbclient(&mount.share, &mount, "ls");
-    assert!(output.status.success(), "login before expiry failed: {}", all_output(&output));
+    assert!(
+        output.status.success(),
+        "login before expiry failed: {}",
+        all_output(&output)
+    );
 
-    let listed: serde_json::Value = serde_json::from_str(&env.run_ok(&["list", "--json"], None)).unwrap();
+    let listed: serde_json::Value =
+        serde_json::from_str(&env.run_ok(&["list", "--json"], None)).unwrap();
     let expires_at = UNIX_EPOCH + Duration::from_secs(listed[0]["expires_at"].as_u64().unwrap());
-    let wait = expires_at.duration_since(SystemTime::now()).unwrap_or_default();
+    let wait = expires_at
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
     std::thread::sleep(wait + Duration::from_secs(1));
     let output = env.smbclient(&mount.share, &mount, "ls");
-    assert!(!output.status.success(), "login after expiry worked: {}", all_output(&output));
-    assert!(all_output(&output).contains("NT_STATUS_ACCOUNT_EXPIRED"), "{}", all_output(&output));
+    assert!(
+        !output.status.success(),
+        "login after expiry worked: {}",
+        all_output(&output)
+    );
+    assert!(
+        all_output(&output).contains("NT_STATUS_ACCOUNT_EXPIRED"),
+        "{}",
+        all_output(&output)
+    );
 
     // No gc ran: the lease and its account are still there, and Samba alone refused.
     assert_eq!(env.lease_ids(), std::slice::from_ref(&mount.lease_id));
@@ -192,7 +292,11 @@ fn rename_of_new_files_with_special_names() {
         &mount,
         &format!("put {source} \"New Text Document (7).txt\"; rename \"New Text Document (7).txt\" \"test.txt\"; ls"),
     );
-    assert!(!all_output(&output).contains("NT_STATUS"), "{}", all_output(&output));
+    assert!(
+        !all_output(&output).contains("NT_STATUS"),
+        "{}",
+        all_output(&output)
+    );
     assert_eq!(names_in(&dir), ["test.txt"]);
 
     let output = env.smbclient(
@@ -200,9 +304,16 @@ fn rename_of_new_files_with_special_names() {
         &mount,
         &format!("put {source} \"a b#c%d.txt\"; rename \"a b#c%d.txt\" \"e f.txt\"; ls"),
     );
-    assert!(!all_output(&output).contains("NT_STATUS"), "{}", all_output(&output));
+    assert!(
+        !all_output(&output).contains("NT_STATUS"),
+        "{}",
+        all_output(&output)
+    );
     assert_eq!(names_in(&dir), ["e f.txt", "test.txt"]);
-    assert_eq!(std::fs::read_to_string(dir.join("e f.txt")).unwrap(), "hi\n");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("e f.txt")).unwrap(),
+        "hi\n"
+    );
 }
 
 #[test]
@@ -217,13 +328,32 @@ fn invalid_grants_create_nothing() {
     let dotdot = format!("{dir_text}/../ok");
 
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["--path", outside.path().to_str().unwrap(), "--ttl", "10m"], "not inside an allowed root"),
+        (
+            vec!["--path", outside.path().to_str().unwrap(), "--ttl", "10m"],
+            "not inside an allowed root",
+        ),
         (vec!["--path", link_text, "--ttl", "10m"], "symbolic link"),
         (vec!["--path", &dotdot, "--ttl", "10m"], "'..' segment"),
         (vec!["--path", dir_text, "--ttl", "2h"], "samba.max_ttl"),
-        (vec!["--path", dir_text, "--ttl", "10m", "--label", "a\nb"], "control character"),
-        (vec!["--path", dir_text, "--ttl", "10m", "--label", "100%U"], "'%'"),
-        (vec!["--path", dir_text, "--ttl", "10m", "--client-ip", "10.0.0.0/8"], "IPv4 or IPv6"),
+        (
+            vec!["--path", dir_text, "--ttl", "10m", "--label", "a\nb"],
+            "control character",
+        ),
+        (
+            vec!["--path", dir_text, "--ttl", "10m", "--label", "100%U"],
+            "'%'",
+        ),
+        (
+            vec![
+                "--path",
+                dir_text,
+                "--ttl",
+                "10m",
+                "--client-ip",
+                "10.0.0.0/8",
+            ],
+            "IPv4 or IPv6",
+        ),
         (vec!["--path", dir_text, "--ttl", "soon"], "--ttl"),
     ];
     for (args, expected) in cases {
@@ -232,7 +362,10 @@ fn invalid_grants_create_nothing() {
         let output = env.run(&full, None);
         let text = all_output(&output);
         assert!(!output.status.success(), "{args:?} was accepted");
-        assert!(text.contains(expected), "{args:?}: expected {expected:?} in {text}");
+        assert!(
+            text.contains(expected),
+            "{args:?}: expected {expected:?} in {text}"
+        );
     }
     assert!(env.samba_objects().is_empty(), "{:?}", env.samba_objects());
     assert!(env.lease_ids().is_empty());
@@ -249,7 +382,11 @@ fn client_ip_restricts_hosts() {
     // The test client connects from 127.0.0.1, which Samba admits by default.
     let elsewhere = env.mount(&env.grant(&dir, "10m", &["--client-ip", "192.0.2.10"]));
     let output = env.smbclient(&elsewhere.share, &elsewhere, "ls");
-    assert!(!output.status.success(), "a lease for 192.0.2.10 admitted 127.0.0.1: {}", all_output(&output));
+    assert!(
+        !output.status.success(),
+        "a lease for 192.0.2.10 admitted 127.0.0.1: {}",
+        all_output(&output)
+    );
 
     let conf = env.stack.smb_conf.to_str().unwrap();
     let show = std::process::Command::new("net")
@@ -259,7 +396,10 @@ fn client_ip_restricts_hosts() {
     let section = stdout(&show);
     assert!(section.contains("hosts allow = 127.0.0.1"), "{section}");
     assert!(section.contains("hosts deny = ALL"), "{section}");
-    assert!(section.contains("server smb encrypt = required"), "{section}");
+    assert!(
+        section.contains("server smb encrypt = required"),
+        "{section}"
+    );
 }
 
 fn names_in(dir: &std::path::Path) -> Vec<String> {

@@ -17,10 +17,19 @@ fn assert_rejected(env: &TestEnv, token: &str, expected: &str) {
 fn assert_rejected_with_any(env: &TestEnv, token: &str, expected: &[&str]) {
     let output = env.run(&["decode"], Some(token));
     let text = all_output(&output);
-    assert!(!output.status.success(), "decode accepted a bad token: {text}");
-    assert!(expected.iter().any(|e| text.contains(e)), "expected one of {expected:?} in: {text}");
+    assert!(
+        !output.status.success(),
+        "decode accepted a bad token: {text}"
+    );
+    assert!(
+        expected.iter().any(|e| text.contains(e)),
+        "expected one of {expected:?} in: {text}"
+    );
     if !token.trim().is_empty() {
-        assert!(!text.contains(token.trim()), "the error repeats the token: {text}");
+        assert!(
+            !text.contains(token.trim()),
+            "the error repeats the token: {text}"
+        );
     }
     assert!(!text.contains("password"), "{text}");
 }
@@ -48,11 +57,20 @@ fn decode_prints_instructions() {
     let from_file = env.run_ok(&["decode", token_file.to_str().unwrap()], None);
     assert_eq!(from_file, text);
 
-    let key_file = env.work_file("node.key", &std::fs::read_to_string(env.stack.run_dir.join("samba/token.key")).unwrap());
+    let key_file = env.work_file(
+        "node.key",
+        &std::fs::read_to_string(env.stack.run_dir.join("samba/token.key")).unwrap(),
+    );
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_samba-provisioner"));
     command
-        .args(["decode", "--format", "json", "--key-file", key_file.to_str().unwrap()])
+        .args([
+            "decode",
+            "--format",
+            "json",
+            "--key-file",
+            key_file.to_str().unwrap(),
+        ])
         .env("DATANET_CONFIG", "/nonexistent/datanet.toml");
     let output = common::run_with_stdin(command, Some(&token));
     assert!(output.status.success(), "{}", all_output(&output));
@@ -71,9 +89,17 @@ fn altered_tokens_rejected() {
         assert_rejected(&env, &alter(&token, index), "failed authentication");
     }
     // One more character either breaks the base64 length or adds a byte to the tag.
-    assert_rejected_with_any(&env, &format!("{token}x"), &["truncated", "failed authentication"]);
+    assert_rejected_with_any(
+        &env,
+        &format!("{token}x"),
+        &["truncated", "failed authentication"],
+    );
     let middle = token.len() / 2;
-    assert_rejected(&env, &format!("{}*{}", &token[..middle], &token[middle + 1..]), "not base64url");
+    assert_rejected(
+        &env,
+        &format!("{}*{}", &token[..middle], &token[middle + 1..]),
+        "not base64url",
+    );
     assert_rejected(&env, "", "empty");
 
     let output = env.run(&["revoke"], Some(&alter(&token, token.len() / 2)));
@@ -91,7 +117,10 @@ fn truncated_tokens_rejected() {
         let cut = &token[..keep];
         let output = env.run(&["decode"], Some(cut));
         let text = all_output(&output);
-        assert!(!output.status.success(), "decode accepted {keep} characters");
+        assert!(
+            !output.status.success(),
+            "decode accepted {keep} characters"
+        );
         assert!(
             text.contains("truncated") || text.contains("failed authentication"),
             "{keep} characters: {text}"
@@ -121,14 +150,24 @@ fn token_from_other_key_rejected() {
 
     let key_file = env.work_file("other.key", &format!("{}\n", "ab".repeat(32)));
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let output = env.run(&["decode", "--key-file", key_file.to_str().unwrap()], Some(&token));
+    let output = env.run(
+        &["decode", "--key-file", key_file.to_str().unwrap()],
+        Some(&token),
+    );
     let text = all_output(&output);
     assert!(!output.status.success());
     assert!(text.contains("different key"), "{text}");
 
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let output = env.run(&["decode", "--key-file", key_file.to_str().unwrap()], Some(&token));
-    assert!(all_output(&output).contains("chmod 600"), "{}", all_output(&output));
+    let output = env.run(
+        &["decode", "--key-file", key_file.to_str().unwrap()],
+        Some(&token),
+    );
+    assert!(
+        all_output(&output).contains("chmod 600"),
+        "{}",
+        all_output(&output)
+    );
 }
 
 #[test]
@@ -141,5 +180,8 @@ fn token_as_file_argument_not_echoed() {
     let text = all_output(&output);
     assert!(!output.status.success());
     assert!(text.contains("standard input"), "{text}");
-    assert!(!text.contains(&token), "the error repeats the token: {text}");
+    assert!(
+        !text.contains(&token),
+        "the error repeats the token: {text}"
+    );
 }

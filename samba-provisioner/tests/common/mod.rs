@@ -45,7 +45,9 @@ impl Stack {
         Stack {
             config: require_env("DATANET_CONFIG").into(),
             smb_conf: require_env("DATANET_SMB_CONF").into(),
-            port: port.parse().unwrap_or_else(|_| panic!("DATANET_SMB_PORT={port} is not a port: {STACK_HINT}")),
+            port: port
+                .parse()
+                .unwrap_or_else(|_| panic!("DATANET_SMB_PORT={port} is not a port: {STACK_HINT}")),
             run_dir: require_env("DATANET_RUN_DIR").into(),
         }
     }
@@ -81,7 +83,10 @@ impl TestEnv {
     pub fn with_settings(name: &str, settings: &[(&str, &str)]) -> TestEnv {
         let stack = Stack::from_env();
         let prefix = format!("t{}", random_name(5).unwrap());
-        let work = stack.run_dir.join("samba-provisioner-tests").join(format!("{name}-{prefix}"));
+        let work = stack
+            .run_dir
+            .join("samba-provisioner-tests")
+            .join(format!("{name}-{prefix}"));
         let root = work.join("root");
         let state_dir = work.join("state");
         std::fs::create_dir_all(&root).unwrap();
@@ -91,7 +96,18 @@ impl TestEnv {
         std::fs::set_permissions(&api_token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
 
         let config_path = work.join("datanet.toml");
-        std::fs::write(&config_path, derived_config(&stack, &prefix, &root, &state_dir, &api_token_file, settings)).unwrap();
+        std::fs::write(
+            &config_path,
+            derived_config(
+                &stack,
+                &prefix,
+                &root,
+                &state_dir,
+                &api_token_file,
+                settings,
+            ),
+        )
+        .unwrap();
 
         TestEnv {
             stack,
@@ -148,11 +164,20 @@ impl TestEnv {
     pub fn mount(&self, token: &str) -> Mount {
         let json = self.run_ok(&["decode", "--format", "json"], Some(token));
         let value: serde_json::Value = serde_json::from_str(&json).unwrap();
-        let field = |name: &str| value[name].as_str().unwrap_or_else(|| panic!("no {name} in {json}")).to_string();
+        let field = |name: &str| {
+            value[name]
+                .as_str()
+                .unwrap_or_else(|| panic!("no {name} in {json}"))
+                .to_string()
+        };
         let account = field("account");
         let password = field("password");
         let auth_file = self.work.join(format!("{account}.auth"));
-        std::fs::write(&auth_file, format!("username={account}\npassword={password}\n")).unwrap();
+        std::fs::write(
+            &auth_file,
+            format!("username={account}\npassword={password}\n"),
+        )
+        .unwrap();
         std::fs::set_permissions(&auth_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         Mount {
             lease_id: field("lease_id"),
@@ -230,14 +255,23 @@ impl Drop for TestEnv {
         // Safety net: remove by name whatever gc left behind.
         let conf = self.stack.smb_conf.to_str().unwrap().to_string();
         for name in samba_objects(&self.stack.smb_conf, &self.prefix) {
-            let _ = Command::new("net").args(["conf", "delshare", "-s", &conf, &name]).output();
-            let _ = Command::new("smbcontrol").args(["-s", &conf, "smbd", "close-share", &name]).output();
-            let _ = Command::new("pdbedit").args(["-s", &conf, "-x", "-u", &name]).output();
+            let _ = Command::new("net")
+                .args(["conf", "delshare", "-s", &conf, &name])
+                .output();
+            let _ = Command::new("smbcontrol")
+                .args(["-s", &conf, "smbd", "close-share", &name])
+                .output();
+            let _ = Command::new("pdbedit")
+                .args(["-s", &conf, "-x", "-u", &name])
+                .output();
             let _ = Command::new("userdel").arg(&name).output();
         }
         if !std::thread::panicking() {
             let left = samba_objects(&self.stack.smb_conf, &self.prefix);
-            assert!(left.is_empty(), "cleanup left Samba objects behind: {left:?}");
+            assert!(
+                left.is_empty(),
+                "cleanup left Samba objects behind: {left:?}"
+            );
         }
         let _ = std::fs::remove_dir_all(&self.work);
     }
@@ -251,22 +285,37 @@ fn derived_config(
     api_token_file: &Path,
     settings: &[(&str, &str)],
 ) -> String {
-    let text = std::fs::read_to_string(&stack.config)
-        .unwrap_or_else(|err| panic!("cannot read {}: {err}; {STACK_HINT}", stack.config.display()));
+    let text = std::fs::read_to_string(&stack.config).unwrap_or_else(|err| {
+        panic!(
+            "cannot read {}: {err}; {STACK_HINT}",
+            stack.config.display()
+        )
+    });
     let config: toml::Table = text.parse().unwrap();
     let mut samba = config
         .get("samba")
         .and_then(|s| s.as_table())
-        .unwrap_or_else(|| panic!("{} has no [samba] section; {STACK_HINT}", stack.config.display()))
+        .unwrap_or_else(|| {
+            panic!(
+                "{} has no [samba] section; {STACK_HINT}",
+                stack.config.display()
+            )
+        })
         .clone();
 
     let string = |s: &str| toml::Value::String(s.to_string());
     samba.insert("account_prefix".into(), string(prefix));
     samba.insert("state_dir".into(), string(state_dir.to_str().unwrap()));
-    samba.insert("allowed_roots".into(), toml::Value::Array(vec![string(root.to_str().unwrap())]));
+    samba.insert(
+        "allowed_roots".into(),
+        toml::Value::Array(vec![string(root.to_str().unwrap())]),
+    );
     samba.insert("force_user".into(), string(FORCE_USER));
     samba.insert("force_group".into(), string(FORCE_GROUP));
-    samba.insert("api_token_file".into(), string(api_token_file.to_str().unwrap()));
+    samba.insert(
+        "api_token_file".into(),
+        string(api_token_file.to_str().unwrap()),
+    );
     for (key, value) in settings {
         let parsed: toml::Table = format!("v = {value}").parse().unwrap();
         samba.insert(key.to_string(), parsed["v"].clone());
@@ -288,14 +337,20 @@ pub fn samba_objects(smb_conf: &Path, prefix: &str) -> Vec<String> {
         }
     }
     let conf = smb_conf.to_str().unwrap();
-    let users = Command::new("pdbedit").args(["-s", conf, "-L"]).output().unwrap();
+    let users = Command::new("pdbedit")
+        .args(["-s", conf, "-L"])
+        .output()
+        .unwrap();
     for line in String::from_utf8_lossy(&users.stdout).lines() {
         let name = line.split(':').next().unwrap_or_default();
         if name.starts_with(prefix) {
             found.push(format!("passdb {name}"));
         }
     }
-    let shares = Command::new("net").args(["conf", "listshares", "-s", conf]).output().unwrap();
+    let shares = Command::new("net")
+        .args(["conf", "listshares", "-s", conf])
+        .output()
+        .unwrap();
     for name in String::from_utf8_lossy(&shares.stdout).lines() {
         if name.trim().starts_with(prefix) {
             found.push(format!("share {}", name.trim()));
@@ -305,7 +360,10 @@ pub fn samba_objects(smb_conf: &Path, prefix: &str) -> Vec<String> {
 }
 
 pub fn run_with_stdin(mut command: Command, stdin: Option<&str>) -> Output {
-    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = command.spawn().expect("command starts");
     {
         let mut pipe = child.stdin.take().unwrap();
@@ -317,7 +375,11 @@ pub fn run_with_stdin(mut command: Command, stdin: Option<&str>) -> Output {
 }
 
 pub fn chown(path: &Path, user: &str, group: &str) {
-    let status = Command::new("chown").arg(format!("{user}:{group}")).arg(path).status().unwrap();
+    let status = Command::new("chown")
+        .arg(format!("{user}:{group}"))
+        .arg(path)
+        .status()
+        .unwrap();
     assert!(status.success(), "chown {user}:{group} {}", path.display());
 }
 
@@ -326,7 +388,11 @@ pub fn stdout(output: &Output) -> String {
 }
 
 pub fn all_output(output: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 /// An smbclient session kept open, fed commands through a pipe.
@@ -341,7 +407,10 @@ impl Session {
         // smbclient buffers its output when it is not a terminal; stdbuf makes it
         // line-buffered so each command's answer arrives at once.
         let mut wrapped = Command::new("stdbuf");
-        wrapped.args(["-oL", "-eL"]).arg(command.get_program()).args(command.get_args());
+        wrapped
+            .args(["-oL", "-eL"])
+            .arg(command.get_program())
+            .args(command.get_args());
         for (key, value) in command.get_envs() {
             match value {
                 Some(value) => wrapped.env(key, value),
@@ -356,7 +425,10 @@ impl Session {
             .expect("smbclient starts");
         let stdin = child.stdin.take().unwrap();
         let (sender, lines) = channel();
-        for stream in [Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>, Box::new(child.stderr.take().unwrap())] {
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
             let sender = sender.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -366,7 +438,11 @@ impl Session {
                 }
             });
         }
-        Session { child, stdin, lines }
+        Session {
+            child,
+            stdin,
+            lines,
+        }
     }
 
     /// Sends one command line; a closed pipe (smbclient exited) is not an error here.
@@ -393,7 +469,9 @@ impl Session {
                     return Err(format!("smbclient exited; output:\n{seen}"));
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(format!("none of {needles:?} within {timeout:?}; output:\n{seen}"));
+                    return Err(format!(
+                        "none of {needles:?} within {timeout:?}; output:\n{seen}"
+                    ));
                 }
             }
         }
