@@ -31,7 +31,8 @@ enum Command {
         /// Mount options, comma-separated: allow_other, ro, config=FILE.
         #[arg(short = 'o')]
         options: Option<String>,
-        /// Write the log to this file instead of standard error.
+        /// Write the log to this file [default: standard error with --foreground,
+        /// CACHE_DIR/datanet.log otherwise].
         #[arg(long)]
         log_file: Option<PathBuf>,
         /// An existing empty directory.
@@ -138,8 +139,12 @@ fn mount_command(
     // SAFETY: setsid has no preconditions; it detaches the daemon from the terminal.
     unsafe { libc::setsid() };
     redirect_stdio_to_null()?;
-    let log_file = log_file.or_else(|| Some(PathBuf::from("/dev/null")));
-    init_logging(log_file.as_deref())?;
+    // A daemon has no terminal: without --log-file, log next to the cache.
+    let log_file = log_file.unwrap_or_else(|| config.cache.dir.join("datanet.log"));
+    if let Some(dir) = log_file.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create log directory {}", dir.display()))?;
+    }
+    init_logging(Some(&log_file))?;
     let mut status_pipe = Some(std::fs::File::from(write_end));
     let result = run(config, &mountpoint, &options, |outcome| {
         if let Some(mut pipe) = status_pipe.take() {

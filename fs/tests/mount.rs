@@ -609,6 +609,8 @@ fn mount_helper_starts_daemon() {
     assert!(output.status.success(), "{output:?}");
     assert!(common::is_mounted(&mountpoint), "mounted when the helper returns");
     assert_eq!(read_all(&mountpoint.join("local/hello.txt")), b"hello\n");
+    let daemon_log = fs::read_to_string(dir.path().join("cache/datanet.log")).unwrap();
+    assert!(daemon_log.contains("mounted"), "the daemon logs next to its cache: {daemon_log}");
 
     let status = Command::new("fusermount3").arg("-u").arg(&mountpoint).status().unwrap();
     assert!(status.success());
