@@ -402,6 +402,62 @@ fn client_ip_restricts_hosts() {
     );
 }
 
+/// A ramfs mounted for one test; ramfs stores no `user.*` extended attributes.
+struct Ramfs(std::path::PathBuf);
+
+impl Ramfs {
+    fn mount(dir: &std::path::Path) -> Ramfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "ramfs", "ramfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t ramfs {}", dir.display());
+        Ramfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Ramfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn rename_without_user_xattrs() {
+    let env = TestEnv::new("noxattr");
+    let ramfs = Ramfs::mount(&env.root.join("ramfs"));
+    let dir = env.share_dir("ramfs/session");
+    assert!(!samba_provisioner::share::supports_user_xattrs(&dir), "ramfs took a user xattr");
+    let mount = env.mount(&env.grant(&dir, "10m", &[]));
+
+    let conf = env.stack.smb_conf.to_str().unwrap();
+    let show = std::process::Command::new("net")
+        .args(["conf", "showshare", "-s", conf, &mount.share])
+        .output()
+        .unwrap();
+    assert!(stdout(&show).contains("store dos attributes = no"), "{}", stdout(&show));
+    assert!(stdout(&show).contains("ea support = no"), "{}", stdout(&show));
+
+    let source = env.work_file("n.txt", "hi\n");
+    let source = source.display();
+    let output = env.smbclient(
+        &mount.share,
+        &mount,
+        &format!(
+            "put {source} \"New Text Document (7).txt\"; rename \"New Text Document (7).txt\" \"test.txt\"; \
+             put {source} \"a b#c%d.txt\"; rename \"a b#c%d.txt\" \"e f.txt\"; put {source} test.txt; ls"
+        ),
+    );
+    assert!(!all_output(&output).contains("NT_STATUS"), "{}", all_output(&output));
+    assert_eq!(names_in(&dir), ["e f.txt", "test.txt"]);
+
+    // Revoke before the ramfs goes away, so smbd holds nothing open below it.
+    env.run_ok(&["revoke", &mount.lease_id], None);
+    drop(ramfs);
+}
+
 fn names_in(dir: &std::path::Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
