@@ -30,11 +30,13 @@ def wait_visible(probe, timeout_s=POLL_TIMEOUT_S):
 
 
 def write_file(path, payload, chunk_bytes=MIB):
+    """Writes `payload`, then fsyncs and closes; returns the time when the last `write` returned."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(payload)
         for offset in range(0, len(payload), chunk_bytes):
             os.write(fd, view[offset:offset + chunk_bytes])
+        written = time.monotonic()
         try:
             os.fsync(fd)
         except OSError as err:
@@ -42,6 +44,7 @@ def write_file(path, payload, chunk_bytes=MIB):
                 raise
     finally:
         os.close(fd)
+    return written
 
 
 def section_write(ctx, rec):
@@ -68,7 +71,7 @@ def section_write(ctx, rec):
     rec.attempt("write.large.direct", direct)
 
     for tool in WRITE_TOOLS:
-        keys = [f"write.large.{tool}", f"write.large_close.{tool}",
+        keys = [f"write.large.{tool}", f"write.large_writes.{tool}", f"write.large_close.{tool}",
                 f"write.small.{tool}", f"write.small_close.{tool}"]
         rec.attempt(keys, lambda tool=tool: write_through_mount(ctx, rec, tool, payload, small))
     rec.command("rclone-off", "rclone mount bench:BUCKET MNT --vfs-cache-mode off")
@@ -88,9 +91,10 @@ def write_through_mount(ctx, rec, tool, payload, small):
 
             key = f"{prefix}/large.bin"
             start = time.monotonic()
-            write_file(directory / "large.bin", payload)
+            written = write_file(directory / "large.bin", payload)
             closed = time.monotonic()
             visible = wait_visible(lambda: store.head_size(key) == len(payload))
+            rec.add(f"write.large_writes.{tool}", written - start, "s")
             rec.add(f"write.large_close.{tool}", closed - start, "s")
             rec.add(f"write.large.{tool}", max(visible, closed) - start, "s")
 
