@@ -7,8 +7,8 @@
 #
 #   --quick        small sizes and one run per figure, for iterating (about 3 minutes);
 #                  writes $RUN/bench/BENCHMARKS-quick.md unless --output is given
-#   --only LIST    run only these sections: read random cache write find stagein jobwrap samba;
-#                  their results replace the same sections of the previous run of that mode
+#   --only LIST    run only these sections (read random cache write find stagein jobwrap samba).
+#                  Their results replace the same sections of the previous run of that mode.
 #   --output FILE  the page to write (default docs/BENCHMARKS.md for a full run)
 #   --no-build     use the release binaries already in target/release
 #   --keep-stack   leave the benchmark's service stack running afterwards
@@ -37,7 +37,7 @@ BINARIES=(datanet jobwrap samba-provisioner)
 PEER_PACKAGES=(rclone s3fs)
 
 usage() {
-    sed -n '7,15p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '6,14p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -67,6 +67,15 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
+
+SECTIONS=(read random cache write find stagein jobwrap samba)
+if [[ -n $only ]]; then
+    IFS=, read -ra requested <<<"$only"
+    for section in "${requested[@]}"; do
+        [[ " ${SECTIONS[*]} " == *" $section "* ]] ||
+            die "unknown section \"$section\" in --only; choose from: ${SECTIONS[*]}"
+    done
+fi
 
 require_root
 check_run_dir

@@ -158,7 +158,7 @@ class Context:
         return path
 
     def mount(self, tool, tag="", cache_max_size=None):
-        """A fresh, not yet started mount of `tool` with an empty cache directory."""
+        """Creates a mount of `tool` (not started yet) whose cache directory is emptied on start."""
         from harness import DatanetMount, RcloneMount, S3fsMount
 
         label = f"{tool}{'-' + tag if tag else ''}"

@@ -1,6 +1,6 @@
 """Test data: one large random object, a tree of small files and the stage-in prefix.
 
-Each item is made once on local disk and uploaded once; later runs find it in the bucket
+Each item is made once on local disk and uploaded once. Later runs find it in the bucket
 (same key and size, or same object count) and reuse it, so a run spends its time on
 measurements. The stage-in prefix is a server-side copy of the two.
 """

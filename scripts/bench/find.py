@@ -1,10 +1,11 @@
 """Metadata section: `find` with a `stat` of every entry over the small-file tree, cold and warm.
 
 `-printf '%s %m %u'` makes find call `lstat` on every entry (size, mode, owner), as
-`ls -lR`, `du` or a backup tool would. Cold is a fresh mount; warm is the second run
-right after it, inside every tool's metadata cache lifetime (datanet's default
-`metadata_ttl` is 5 s, rclone's `--dir-cache-time` 5 min). A recursive LIST of the
-prefix with `rclone lsl` shows what the store itself takes to list the tree.
+`ls -lR`, `du` or a backup tool would. Cold is a fresh mount, and warm is the second run
+right after it. Each tool keeps its own metadata cache settings, so datanet's default
+`metadata_ttl` of 5 s can expire during a long cold run, while rclone's
+`--dir-cache-time` is 5 min. A recursive LIST of the prefix with `rclone lsl` shows what
+the store itself takes to list the tree.
 """
 
 import time

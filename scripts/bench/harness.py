@@ -324,7 +324,7 @@ class Mount:
         return clean_env()
 
     def root(self):
-        """The directory in the mount that corresponds to the bucket root."""
+        """Returns the directory in the mount that corresponds to the bucket root."""
         return self.mountpoint
 
     def start(self, timeout_s=30):

@@ -1,9 +1,9 @@
 """jobwrap sections: stage-in against `rclone copy`, and the wall time jobwrap adds to an empty job.
 
 Stage-in is timed with `jobwrap sbatch --detach`, which returns once the inputs are
-validated, staged into the job's working directory and the job is submitted; so the
-figure includes validation and the sbatch call on top of the transfer, which only
-makes it stricter against `rclone copy`. `jobwrap resume` then finishes the job
+validated and staged into the job's working directory and the job is submitted. The
+figure therefore includes validation and the sbatch call on top of the transfer, which
+only makes it stricter against `rclone copy`. `jobwrap resume` then finishes the job
 (stage-out of Slurm's logs and removal of the working directory), untimed.
 """
 
@@ -90,7 +90,7 @@ def check_tree(root, expected_files, expected_bytes):
             files += 1
             total += os.lstat(os.path.join(directory, name)).st_size
     if (files, total) != (expected_files, expected_bytes):
-        raise BenchError(f"{root} holds {files} files of {total} bytes, expected {expected_files} files "
+        raise BenchError(f"{root} contains {files} files of {total} bytes, expected {expected_files} files "
                          f"of {expected_bytes} bytes")
 
 

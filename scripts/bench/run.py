@@ -4,7 +4,7 @@ Called by scripts/bench.sh after it has installed the peers, built the binaries 
 started the benchmark's own service stack. A section that fails is recorded as "not
 measured" with its reason; the run goes on with the next one. With `--only`, the new
 sections replace those of the same name in the previous results file of the same mode,
-and the page says when each section was measured.
+and the page shows when each section was measured.
 """
 
 import argparse

@@ -1,10 +1,10 @@
 """Write section: a large sequential write until durable, and creating many small files.
 
-Each figure runs from the first `open` to the moment the store has the data. For tools
-that upload on `close` (datanet with its default `write_back_delay = 0`, s3fs, rclone
-with `--vfs-cache-mode off`) that is when `close` returns; for write-back modes (rclone
-`--vfs-cache-mode full`) the store is polled with HEAD or LIST, and the time of the
-first poll that finds everything is taken. Both times are recorded.
+Each figure runs from the first `open` to the moment the store has the data. Tools that
+upload on `close` (datanet with its default `write_back_delay = 0`, s3fs, rclone with
+`--vfs-cache-mode off`) have the data in the store when `close` returns. For write-back
+modes (rclone `--vfs-cache-mode full`) the store is polled with HEAD or LIST, and the
+figure ends at the first poll that finds everything. Both times are recorded.
 """
 
 import errno
