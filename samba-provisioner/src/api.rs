@@ -217,12 +217,14 @@ async fn create(state: &ApiState, request: Request<Incoming>) -> ApiResponse {
     };
     let create: CreateLease = match serde_json::from_slice(&body) {
         Ok(create) => create,
-        Err(err) => return error_response(
-            StatusCode::BAD_REQUEST,
-            &format!(
+        Err(err) => {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                &format!(
                 "invalid JSON body: {err}; send {{\"path\": \"/datanet/...\", \"ttl\": \"8h\"}}"
             ),
-        ),
+            )
+        }
     };
     let grant_request = match grant_request(create) {
         Ok(request) => request,

@@ -207,6 +207,34 @@ impl Ledger {
         Ok(records)
     }
 
+    /// Removes temporary files that a killed process left in the ledger directory and
+    /// in `extra_dir`. Call only under the exclusive lock, when no write is running.
+    pub fn remove_stale_temp_files(&self, extra_dir: &Path) -> usize {
+        let mut removed = 0;
+        for dir in [self.leases_dir.as_path(), extra_dir] {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let is_record = name
+                    .strip_suffix(".json")
+                    .is_some_and(|id| check_lease_id(id).is_ok());
+                if is_record || !entry.file_type().is_ok_and(|t| t.is_file()) {
+                    continue;
+                }
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(err) => {
+                        tracing::warn!(path = %entry.path().display(), error = %err, "cannot remove a stale temporary file")
+                    }
+                }
+            }
+        }
+        removed
+    }
+
     fn sync_directory(&self) -> Result<(), ProvisionError> {
         File::open(&self.leases_dir)
             .and_then(|dir| dir.sync_all())
@@ -317,6 +345,21 @@ mod tests {
             ledger.read("cccccccccccccccc"),
             Err(ProvisionError::CorruptLease { .. })
         ));
+    }
+
+    #[test]
+    fn stale_temp_files_removed_records_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(dir.path()).unwrap();
+        ledger.write(&record("aaaaaaaaaaaaaaaa", 1)).unwrap();
+        std::fs::write(ledger.leases_dir.join(".tmpAbC123"), "partial").unwrap();
+        let extra = dir.path().join("tmp");
+        std::fs::create_dir(&extra).unwrap();
+        std::fs::write(extra.join("share-x.conf"), "[x]").unwrap();
+
+        assert_eq!(ledger.remove_stale_temp_files(&extra), 2);
+        assert_eq!(ledger.list().unwrap().len(), 1);
+        assert!(std::fs::read_dir(&extra).unwrap().next().is_none());
     }
 
     #[test]

@@ -57,6 +57,8 @@ pub struct Provisioner {
     pub(crate) key: TokenKey,
     pub(crate) ledger: Ledger,
     pub(crate) samba: Samba,
+    /// Directory of the 0600 files that `net conf import` reads.
+    pub(crate) temp_dir: PathBuf,
 }
 
 impl Provisioner {
@@ -86,6 +88,7 @@ impl Provisioner {
             key,
             ledger,
             samba,
+            temp_dir,
         })
     }
 

@@ -36,6 +36,8 @@ pub struct GcReport {
     pub orphan_shares: Vec<String>,
     pub orphan_passdb_entries: Vec<String>,
     pub orphan_accounts: Vec<String>,
+    /// Temporary files of killed processes, removed.
+    pub stale_temp_files: usize,
     /// Leases or objects whose handling failed; the next gc tries again.
     pub failures: Vec<String>,
 }
@@ -70,6 +72,7 @@ impl Provisioner {
         }
 
         self.remove_orphans(&inventory, &owned, &mut report);
+        report.stale_temp_files = self.ledger.remove_stale_temp_files(&self.temp_dir);
         tracing::info!(
             expired = report.expired.len(),
             rolled_back = report.rolled_back.len(),

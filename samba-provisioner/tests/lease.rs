@@ -429,7 +429,10 @@ fn rename_without_user_xattrs() {
     let env = TestEnv::new("noxattr");
     let ramfs = Ramfs::mount(&env.root.join("ramfs"));
     let dir = env.share_dir("ramfs/session");
-    assert!(!samba_provisioner::share::supports_user_xattrs(&dir), "ramfs took a user xattr");
+    assert!(
+        !samba_provisioner::share::supports_user_xattrs(&dir),
+        "ramfs took a user xattr"
+    );
     let mount = env.mount(&env.grant(&dir, "10m", &[]));
 
     let conf = env.stack.smb_conf.to_str().unwrap();
@@ -437,8 +440,16 @@ fn rename_without_user_xattrs() {
         .args(["conf", "showshare", "-s", conf, &mount.share])
         .output()
         .unwrap();
-    assert!(stdout(&show).contains("store dos attributes = no"), "{}", stdout(&show));
-    assert!(stdout(&show).contains("ea support = no"), "{}", stdout(&show));
+    assert!(
+        stdout(&show).contains("store dos attributes = no"),
+        "{}",
+        stdout(&show)
+    );
+    assert!(
+        stdout(&show).contains("ea support = no"),
+        "{}",
+        stdout(&show)
+    );
 
     let source = env.work_file("n.txt", "hi\n");
     let source = source.display();
@@ -450,7 +461,11 @@ fn rename_without_user_xattrs() {
              put {source} \"a b#c%d.txt\"; rename \"a b#c%d.txt\" \"e f.txt\"; put {source} test.txt; ls"
         ),
     );
-    assert!(!all_output(&output).contains("NT_STATUS"), "{}", all_output(&output));
+    assert!(
+        !all_output(&output).contains("NT_STATUS"),
+        "{}",
+        all_output(&output)
+    );
     assert_eq!(names_in(&dir), ["e f.txt", "test.txt"]);
 
     // Revoke before the ramfs goes away, so smbd holds nothing open below it.
