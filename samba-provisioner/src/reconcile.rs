@@ -4,8 +4,9 @@
 //! Runs under the exclusive ledger lock, so no grant or revoke is half-way. Samba's
 //! objects are listed before the ledger, because every object that exists at that
 //! moment had its lease record written first. So an object that no record owns is an
-//! orphan of a crash (or of a deleted record), and gc removes it. Only objects whose name has the lease
-//! shape with this provisioner's prefix and that carry the lease marker are touched.
+//! orphan of a crash (or of a deleted record), and gc removes it. Only objects whose
+//! name has the lease shape with this provisioner's prefix and that carry the lease
+//! marker are touched.
 
 use std::collections::BTreeSet;
 use std::time::SystemTime;
