@@ -32,30 +32,28 @@ def section_find(ctx, rec):
              f"({expected} files of {sizes.small_file_bytes} bytes).")
     rec.command("all mounts", "find MNT/TREE -printf '%y %s %m %u\\n'")
 
-    def listing():
-        for _ in range(sizes.runs):
-            start = time.monotonic()
-            proc = ctx.store.rclone("lsl", ctx.store.remote(ctx.tree_prefix))
-            seconds = time.monotonic() - start
-            if len(proc.stdout.splitlines()) != expected:
-                raise BenchError(f"rclone lsl listed {len(proc.stdout.splitlines())} objects, expected {expected}")
-            rec.add("find.cold.list", seconds, "s")
+    def listing(_run_index):
+        start = time.monotonic()
+        proc = ctx.store.rclone("lsl", ctx.store.remote(ctx.tree_prefix))
+        seconds = time.monotonic() - start
+        if len(proc.stdout.splitlines()) != expected:
+            raise BenchError(f"rclone lsl listed {len(proc.stdout.splitlines())} objects, expected {expected}")
+        rec.add("find.cold.list", seconds, "s")
+
+    def through_mount(tool, _run_index):
+        requests = RequestLog(ctx.run_dir / "logs" / "garage.log")
+        with ctx.mount(tool, "find") as mount:
+            root = mount.root() / ctx.tree_prefix
+            requests.mark()
+            rec.add(f"find.cold.{tool}", timed_find(root, expected), "s")
+            rec.add(f"find.lists.{tool}", float(requests.count_prefix("GET", ctx.store.bucket, None)), "LISTs")
+            rec.add(f"find.heads.{tool}", float(requests.count_prefix("HEAD", ctx.store.bucket, ctx.tree_prefix)),
+                    "HEADs")
+            rec.add(f"find.warm.{tool}", timed_find(root, expected), "s")
 
     rec.command("store LIST", "rclone lsl bench:BUCKET/TREE")
-    rec.attempt("find.cold.list", listing)
-
+    measurements = [("find.cold.list", listing)]
     for tool in FIND_TOOLS:
-        def measure(tool=tool):
-            requests = RequestLog(ctx.run_dir / "logs" / "garage.log")
-            for _ in range(sizes.runs):
-                with ctx.mount(tool, "find") as mount:
-                    root = mount.root() / ctx.tree_prefix
-                    requests.mark()
-                    rec.add(f"find.cold.{tool}", timed_find(root, expected), "s")
-                    rec.add(f"find.lists.{tool}", float(requests.count_prefix("GET", ctx.store.bucket, None)), "LISTs")
-                    rec.add(f"find.heads.{tool}",
-                            float(requests.count_prefix("HEAD", ctx.store.bucket, ctx.tree_prefix)), "HEADs")
-                    rec.add(f"find.warm.{tool}", timed_find(root, expected), "s")
-
-        rec.attempt([f"find.cold.{tool}", f"find.warm.{tool}", f"find.lists.{tool}", f"find.heads.{tool}"],
-                    measure)
+        keys = [f"find.cold.{tool}", f"find.warm.{tool}", f"find.lists.{tool}", f"find.heads.{tool}"]
+        measurements.append((keys, lambda run_index, tool=tool: through_mount(tool, run_index)))
+    rec.rounds(sizes.runs, measurements)

@@ -44,60 +44,55 @@ def section_read(ctx, rec):
     size = sizes.object_bytes
     rec.note(f"Object: {sizes.object_mib} MiB of random data, read with `dd bs=1M` to /dev/null.")
 
-    def local():
-        warm_local(ctx.local_object)
-        for _ in range(sizes.runs):
-            rec.add("read.warm.local", dd_read(ctx.local_object, size), "s")
+    def local(_run_index):
+        rec.add("read.warm.local", dd_read(ctx.local_object, size), "s")
+
+    def direct(_run_index):
+        seconds, got = ctx.store.get_to_null(ctx.object_key)
+        if got != size:
+            raise BenchError(f"GET returned {got} bytes, expected {size}")
+        rec.add("read.cold.direct", seconds, "s")
 
     rec.command("local page cache", f"dd if={ctx.local_object} of=/dev/null bs=1M   (after one read to warm it)")
-    rec.attempt("read.warm.local", local)
-
-    def direct():
-        for _ in range(sizes.runs):
-            seconds, got = ctx.store.get_to_null(ctx.object_key)
-            if got != size:
-                raise BenchError(f"GET returned {got} bytes, expected {size}")
-            rec.add("read.cold.direct", seconds, "s")
-
     rec.command("direct GET", "curl -K AUTH --aws-sigv4 aws:amz:garage:s3 "
                 "-H 'x-amz-content-sha256: UNSIGNED-PAYLOAD' -o /dev/null ENDPOINT/BUCKET/KEY")
-    rec.attempt("read.cold.direct", direct)
-
+    measurements = [("read.warm.local", local), ("read.cold.direct", direct)]
     for tool in MOUNT_TOOLS:
         keys = [f"read.cold.{tool}", f"read.warm.{tool}", f"read.rss.{tool}", f"read.cache_peak.{tool}",
                 f"read.gets.{tool}"]
-        rec.attempt(keys, lambda tool=tool: read_through_mount(ctx, rec, tool))
+        measurements.append((keys, lambda run_index, tool=tool: read_through_mount(ctx, rec, tool, run_index)))
+    if rec.attempt("read.warm.local", lambda: warm_local(ctx.local_object)):
+        rec.rounds(sizes.runs, measurements)
     rec.command("datanet", "datanet mount --config BENCH.toml --foreground MNT   (cache.max_size default)")
     rec.command("rclone-full", "rclone mount bench:BUCKET MNT --vfs-cache-mode full --cache-dir DIR")
     rec.command("s3fs", "s3fs BUCKET MNT -f -o passwd_file=FILE,url=ENDPOINT,use_path_request_style,"
                 "endpoint=garage,sigv4")
 
 
-def read_through_mount(ctx, rec, tool):
+def read_through_mount(ctx, rec, tool, run_index):
     size = ctx.sizes.object_bytes
-    for run_index in range(ctx.sizes.runs):
-        mount = ctx.mount(tool, "read")
-        with mount:
-            path = mount.root() / ctx.object_key
-            sampler = Sampler(pid=mount.pid, directory=mount.cache_dir)
-            requests = RequestLog(ctx.run_dir / "logs" / "garage.log")
-            sampler.start()
-            try:
-                requests.mark()
-                cold = dd_read(path, size)
-                cold_gets = requests.count("GET", ctx.store.bucket, ctx.object_key)
-                warm = dd_read(path, size)
-            finally:
-                sampler.stop()
-            peak_kib = max(sampler.peak_rss_kib, read_status_kib(mount.pid, "VmHWM") or 0)
-            if run_index == 0:
-                check_content(path, ctx.local_object, size)
-        rec.add(f"read.cold.{tool}", cold, "s")
-        rec.add(f"read.warm.{tool}", warm, "s")
-        rec.add(f"read.rss.{tool}", peak_kib / 1024, "MiB")
-        rec.add(f"read.gets.{tool}", float(cold_gets), "GETs")
-        if mount.cache_dir is not None:
-            rec.add(f"read.cache_peak.{tool}", sampler.peak_dir_bytes / MIB, "MiB")
+    mount = ctx.mount(tool, "read")
+    with mount:
+        path = mount.root() / ctx.object_key
+        sampler = Sampler(pid=mount.pid, directory=mount.cache_dir)
+        requests = RequestLog(ctx.run_dir / "logs" / "garage.log")
+        sampler.start()
+        try:
+            requests.mark()
+            cold = dd_read(path, size)
+            cold_gets = requests.count("GET", ctx.store.bucket, ctx.object_key)
+            warm = dd_read(path, size)
+        finally:
+            sampler.stop()
+        peak_kib = max(sampler.peak_rss_kib, read_status_kib(mount.pid, "VmHWM") or 0)
+        if run_index == 0:
+            check_content(path, ctx.local_object, size)
+    rec.add(f"read.cold.{tool}", cold, "s")
+    rec.add(f"read.warm.{tool}", warm, "s")
+    rec.add(f"read.rss.{tool}", peak_kib / 1024, "MiB")
+    rec.add(f"read.gets.{tool}", float(cold_gets), "GETs")
+    if mount.cache_dir is not None:
+        rec.add(f"read.cache_peak.{tool}", sampler.peak_dir_bytes / MIB, "MiB")
 
 
 # ---------------------------------------------------------------------------
@@ -127,35 +122,31 @@ def section_random(ctx, rec):
     rec.note(f"Random aligned 4 KiB `pread` calls on the {sizes.object_mib} MiB object through a fresh mount, "
              f"one thread, for {sizes.random_seconds:g} s or {sizes.random_max_reads} reads, whichever comes first.")
 
-    for tool in MOUNT_TOOLS:
-        def measure(tool=tool):
-            for run_index in range(sizes.runs):
-                with ctx.mount(tool, "random") as mount:
-                    rate = random_reads(mount.root() / ctx.object_key, sizes.object_bytes,
-                                        sizes.random_seconds, sizes.random_max_reads, seed=run_index)
-                rec.add(f"random.{tool}", rate, "reads/s")
+    def through_mount(tool, run_index):
+        with ctx.mount(tool, "random") as mount:
+            rate = random_reads(mount.root() / ctx.object_key, sizes.object_bytes,
+                                sizes.random_seconds, sizes.random_max_reads, seed=run_index)
+        rec.add(f"random.{tool}", rate, "reads/s")
 
-        rec.attempt(f"random.{tool}", measure)
-
-    def direct():
+    def direct(run_index):
         count = min(sizes.random_max_reads, 300)
-        for run_index in range(sizes.runs):
-            seconds = ctx.store.random_range_gets_new_connections(ctx.object_key, sizes.object_bytes, count, 4096,
-                                                                  seed=run_index)
-            rec.add("random.direct", count / seconds, "reads/s")
+        seconds = ctx.store.random_range_gets_new_connections(ctx.object_key, sizes.object_bytes, count, 4096,
+                                                              seed=run_index)
+        rec.add("random.direct", count / seconds, "reads/s")
 
-    def direct_keepalive():
+    def direct_keepalive(run_index):
         count = min(sizes.random_max_reads, 200)
-        for run_index in range(sizes.runs):
-            seconds = ctx.store.random_range_gets(ctx.object_key, sizes.object_bytes, count, 4096, seed=run_index)
-            rec.add("random.direct_keepalive", count / seconds, "reads/s")
+        seconds = ctx.store.random_range_gets(ctx.object_key, sizes.object_bytes, count, 4096, seed=run_index)
+        rec.add("random.direct_keepalive", count / seconds, "reads/s")
 
     rec.command("direct", "curl -K AUTH --aws-sigv4 aws:amz:garage:s3 -r START-END -o /dev/null URL   "
                 "(one process and connection per read)")
     rec.command("direct, kept-alive", "curl -K RANGES.conf   (one process, one kept-alive connection, "
                 "the ranges separated by next)")
-    rec.attempt("random.direct", direct)
-    rec.attempt("random.direct_keepalive", direct_keepalive)
+    measurements = [(f"random.{tool}", lambda run_index, tool=tool: through_mount(tool, run_index))
+                    for tool in MOUNT_TOOLS]
+    measurements += [("random.direct", direct), ("random.direct_keepalive", direct_keepalive)]
+    rec.rounds(sizes.runs, measurements)
 
 
 # ---------------------------------------------------------------------------

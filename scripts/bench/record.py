@@ -45,6 +45,18 @@ class SectionRecord:
             self.fail(key, reason)
         return False
 
+    def rounds(self, runs, measurements):
+        """Runs each `(keys, action)` once per round, `runs` rounds, so that a drift in the
+        machine's load hits every tool alike. `action(run_index)` takes one measurement; a
+        tool whose action fails once is skipped in the later rounds."""
+        failed = set()
+        for run_index in range(runs):
+            for position, (keys, action) in enumerate(measurements):
+                if position in failed:
+                    continue
+                if not self.attempt(keys, lambda: action(run_index)):
+                    failed.add(position)
+
     def note(self, text):
         self.notes.append(text)
 
