@@ -1,10 +1,11 @@
-//! Grant and revoke: the ordered steps that create and remove a lease's account,
-//! passdb entry and share.
+//! Grant and revoke: the steps that create and remove a lease's Unix account, passdb
+//! entry and share.
 //!
 //! Invariant: the lease record is written (state `provisioning` or `revoking`) before
-//! the first step and removed or marked `active` only after the last, so a crash at
-//! any point leaves a record from which reconcile finishes or undoes the operation. Each step is
-//! idempotent when undone, so undoing a half-made lease is the same as revoking it.
+//! the first step and removed or marked `active` only after the last. A crash at any
+//! point therefore leaves a record from which reconcile finishes or undoes the
+//! operation. Every removal step accepts an object that is already gone, so undoing a
+//! half-made lease is the same as revoking it.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
