@@ -457,7 +457,7 @@ impl DatanetFs {
                         Some(entry) => entry.kind().unwrap_or(listed_kind),
                         None => listed_kind,
                     };
-                    let child_ino = self.inodes.peek(space, &child).unwrap_or_else(|| synthetic_ino(space, &child));
+                    let child_ino = self.inodes.peek(space, &child).unwrap_or_else(|| crate::inode::hashed_ino(space, &child));
                     items.push(DirItem { ino: child_ino, kind, name });
                 }
             }
@@ -1383,14 +1383,6 @@ fn apply_change(meta: &mut PosixMeta, change: &SetAttr) {
     }
 }
 
-/// A readdir inode number for an entry that was never looked up: stable for the key,
-/// and above every allocated number so it never names another entry.
-fn synthetic_ino(space: usize, key: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (space, key).hash(&mut hasher);
-    hasher.finish() | (1 << 63)
-}
 
 /// How long unmount waits for write-back uploads before leaving them in the journal.
 const UNMOUNT_UPLOAD_WAIT: Duration = Duration::from_secs(300);

@@ -1,12 +1,17 @@
 //! The inode table: which inode number stands for which object key.
 //!
 //! The mount root is inode 1 and the root of space number `i` (in configuration order)
-//! is inode `2 + i`; every other inode is allocated on first lookup. Invariant: an inode
-//! number keeps naming the same (space, key) while the kernel holds a lookup reference
-//! to it or a file handle is open on it, and numbers are never reused within one mount,
-//! so Samba and other programs that compare inode numbers see stable values. A renamed
-//! entry keeps its number; an unlinked one is detached from its key, so a new file at
-//! that key gets a new number.
+//! is inode `2 + i`. Every other entry gets [`hashed_ino`] of its space and key, so
+//! readdir reports the same number as a later lookup, and an unchanged tree shows the
+//! same numbers after a remount. Only when that number is taken (a hash collision, or
+//! an unlinked inode of the same key that the kernel still holds) does an entry get the
+//! next number of a counter instead.
+//!
+//! Invariant: an inode number keeps naming the same (space, key) while the kernel holds
+//! a lookup reference to it or a file handle is open on it, and no two live inodes share
+//! a number, so Samba and other programs that compare inode numbers see stable values.
+//! A renamed entry keeps its number while held; an unlinked one is detached from its
+//! key, so a new file at that key gets a different number while the old one is held.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -62,6 +67,15 @@ pub struct InodeTable {
 
 pub fn space_root_ino(space: usize) -> u64 {
     2 + space as u64
+}
+
+/// The preferred inode number of (space, key): a hash with the top bit set, so it never
+/// equals a root or a counter-allocated number.
+pub fn hashed_ino(space: usize, key: &str) -> u64 {
+    let digest = ring::digest::digest(&ring::digest::SHA256, format!("{space}\0{key}").as_bytes());
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_le_bytes(bytes) | (1 << 63)
 }
 
 impl InodeTable {
@@ -120,8 +134,14 @@ impl InodeTable {
             Self::drop_if_unused(&mut table, ino);
         }
 
-        let ino = table.next_ino;
-        table.next_ino += 1;
+        let hashed = hashed_ino(space, key);
+        let ino = if table.nodes.contains_key(&hashed) {
+            let counted = table.next_ino;
+            table.next_ino += 1;
+            counted
+        } else {
+            hashed
+        };
         table.nodes.insert(
             ino,
             Node {
@@ -242,7 +262,19 @@ mod tests {
         assert_eq!(table.peek(0, "dir/a"), Some(a));
         table.forget(a, 1);
         assert_eq!(table.peek(0, "dir/a"), None);
-        assert!(table.lookup(0, "dir/a", Kind::File) > a, "numbers are not reused");
+        assert_eq!(table.lookup(0, "dir/a", Kind::File), a, "the same key gets the same number again");
+        assert_eq!(a, hashed_ino(0, "dir/a"));
+    }
+
+    #[test]
+    fn held_detached_inode_not_shared() {
+        let table = InodeTable::new(1);
+        let old = table.lookup(0, "f", Kind::File);
+        table.open(old);
+        table.unlink(0, "f");
+        let new = table.lookup(0, "f", Kind::File);
+        assert_ne!(new, old, "an unlinked file still open keeps its number to itself");
+        assert!(table.target(old).is_some());
     }
 
     #[test]

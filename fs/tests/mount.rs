@@ -368,6 +368,18 @@ fn inode_numbers_stable() {
     fs::rename(mount.path("s3/a.txt"), mount.path("s3/b.txt")).unwrap();
     assert_eq!(fs::metadata(mount.path("s3/b.txt")).unwrap().ino(), first, "a rename keeps the inode");
     assert_ne!(fs::metadata(mount.path("s3")).unwrap().ino(), first);
+    drop(held);
+
+    fs::write(mount.path("s3/c.txt"), "c").unwrap();
+    for entry in fs::read_dir(mount.path("s3")).unwrap() {
+        let entry = entry.unwrap();
+        let stat_ino = fs::metadata(entry.path()).unwrap().ino();
+        assert_eq!(std::os::unix::fs::DirEntryExt::ino(&entry), stat_ino, "readdir and stat agree for {:?}", entry.file_name());
+    }
+    let before = fs::metadata(mount.path("s3/c.txt")).unwrap().ino();
+    let mut mount = mount;
+    mount.remount();
+    assert_eq!(fs::metadata(mount.path("s3/c.txt")).unwrap().ino(), before, "an unchanged file keeps its number after a remount");
 }
 
 #[test]
