@@ -606,8 +606,33 @@ impl DatanetFs {
         }
         match reader {
             Some(reader) => reader.read(offset, size).await,
-            None => Err(FsError::new(libc::EBADF, "file handle is not open for reading")),
+            None => self.late_reader(fh, ino).await?.read(offset, size).await,
         }
+    }
+
+    /// Creates the reader of a handle that was opened while another handle was writing
+    /// the file, once that writer is gone: it reads the version the writer uploaded.
+    async fn late_reader(&self, fh: u64, ino: u64) -> FsResult<Arc<ObjectReader>> {
+        let Target::Entry { space, key, .. } = self.target(ino)? else {
+            return Err(FsError::new(libc::EBADF, format!("inode {ino} is not a file")));
+        };
+        let stat = match self.entry(space, &key, false).await? {
+            Entry::File(stat) => stat,
+            _ => return Err(FsError::not_found(self.spaces[space].describe(&key))),
+        };
+        let reader = Arc::new(ObjectReader::new(
+            Arc::clone(&self.spaces[space].space.store),
+            self.spaces[space].name(),
+            &key,
+            stat.etag.clone(),
+            stat.size,
+            self.data_cache.clone(),
+            self.budget.clone(),
+        ));
+        if let Some(file) = lock(&self.files).get_mut(&fh) {
+            file.reader = Some(Arc::clone(&reader));
+        }
+        Ok(reader)
     }
 
     pub async fn readlink(&self, ino: u64) -> FsResult<Bytes> {

@@ -135,3 +135,19 @@ async fn statfs_reports_name_max() {
     assert!(stat.blocks_free > 0);
     assert!(stat.files_free > 0);
 }
+
+#[tokio::test]
+async fn reader_outlives_concurrent_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = filesystem(dir.path());
+    let parent = space_root_ino(1);
+    let (attr, writing) = fs.create(parent, name("shared"), 0o644, libc::O_RDWR, ROOT_CALLER).await.unwrap();
+    fs.write(writing.fh, 0, b"written").await.unwrap();
+    let reading = fs.open(attr.ino, libc::O_RDONLY).await.unwrap();
+    assert_eq!(&fs.read(reading.fh, 0, 100).await.unwrap()[..], b"written", "reads see the unflushed write");
+
+    fs.flush(writing.fh).await.unwrap();
+    fs.release(writing.fh).await.unwrap();
+    assert_eq!(&fs.read(reading.fh, 0, 100).await.unwrap()[..], b"written", "reads go on after the writer closed");
+    fs.release(reading.fh).await.unwrap();
+}
