@@ -674,7 +674,7 @@ fn negative_entries_and_listings_expire() {
     let bucket = garage.fresh_bucket("negative");
     let direct = garage.bucket(&bucket);
     direct.put("old.txt", b"old\n");
-    let mount = Mounted::start(&s3_and_local(&garage, &bucket), "");
+    let mount = Mounted::start(&s3_and_local(&garage, &bucket), "metadata_ttl = \"4s\"\n");
 
     assert_eq!(names(&mount.path("s3")), vec!["old.txt"]);
     assert_eq!(errno_of(&fs::metadata(mount.path("s3/late.txt")).unwrap_err()), libc::ENOENT);
@@ -682,7 +682,7 @@ fn negative_entries_and_listings_expire() {
     assert_eq!(names(&mount.path("s3")), vec!["old.txt"], "the listing is served from the cache");
     assert!(fs::metadata(mount.path("s3/late.txt")).is_err(), "the negative entry is served from the cache");
 
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(4500));
     assert_eq!(names(&mount.path("s3")), vec!["late.txt", "old.txt"]);
     assert_eq!(read_all(&mount.path("s3/late.txt")), b"late\n");
 }

@@ -170,12 +170,11 @@ pub fn datanet_bin() -> &'static str {
     env!("CARGO_BIN_EXE_datanet")
 }
 
-/// Configuration text: `spaces` plus a `[cache]` in the test's directory.
+/// Returns the configuration text: `spaces` plus a `[cache]` in the test's directory,
+/// with a metadata TTL of 1 s unless `cache_extra` sets one.
 fn with_cache(spaces: &str, cache_dir: &Path, cache_extra: &str) -> String {
-    format!(
-        "{spaces}\n[cache]\ndir = \"{}\"\nmetadata_ttl = \"1s\"\n{cache_extra}\n",
-        cache_dir.display()
-    )
+    let ttl = if cache_extra.contains("metadata_ttl") { "" } else { "metadata_ttl = \"1s\"\n" };
+    format!("{spaces}\n[cache]\ndir = \"{}\"\n{ttl}{cache_extra}\n", cache_dir.display())
 }
 
 impl Mounted {
