@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use object_store::path::Path as ObjectPath;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
+use tokio::sync::{Mutex, MutexGuard, Notify, OwnedMutexGuard};
 
 use crate::posix_meta::{MetaTarget, PosixMeta};
 use crate::staging::FrozenStaging;
@@ -87,6 +87,9 @@ struct EntryRecord {
     /// The metadata map of [`PosixMeta::to_map`].
     meta: BTreeMap<String, String>,
 }
+
+/// Entries by id.
+type Table = BTreeMap<u64, Entry>;
 
 struct Entry {
     record: EntryRecord,
@@ -224,8 +227,8 @@ impl Journal {
             meta: meta.to_map(),
         };
 
-        let mut entries = self.entries.lock().await;
-        let older = self.take_entries(&mut entries, |r| r.space == space && r.path == path.as_ref()).await;
+        let entries = self.entries.lock().await;
+        let (mut entries, older) = self.take_entries(entries, &|r| r.space == space && r.path == path.as_ref()).await;
         self.write_record(&record)?;
         for old in older {
             self.remove_files(old.id);
@@ -270,14 +273,12 @@ impl Journal {
     /// Replaces the metadata of a pending file. Returns false when `path` has no entry,
     /// in which case the caller updates the stored object.
     pub async fn update_meta(&self, space: &str, path: &ObjectPath, meta: &PosixMeta) -> Result<bool, JournalError> {
-        let mut entries = self.entries.lock().await;
-        let Some(entry) = entries
-            .values_mut()
-            .find(|e| e.record.space == space && e.record.path == path.as_ref())
-        else {
+        let entries = self.entries.lock().await;
+        let (mut entries, locked) = self.lock_matching(entries, &|r| r.space == space && r.path == path.as_ref()).await;
+        let Some((id, _upload)) = locked.first() else {
             return Ok(false);
         };
-        let _upload = entry.upload_lock.lock().await;
+        let entry = entries.get_mut(id).expect("locked entries stay in the table");
         let mut record = entry.record.clone();
         record.meta = meta.to_map();
         self.write_record(&record)?;
@@ -287,8 +288,8 @@ impl Journal {
 
     /// Drops the pending content of `path` (unlink). Returns whether there was any.
     pub async fn forget(&self, space: &str, path: &ObjectPath) -> bool {
-        let mut entries = self.entries.lock().await;
-        let removed = self.take_entries(&mut entries, |r| r.space == space && r.path == path.as_ref()).await;
+        let entries = self.entries.lock().await;
+        let (entries, removed) = self.take_entries(entries, &|r| r.space == space && r.path == path.as_ref()).await;
         for record in &removed {
             self.remove_files(record.id);
             tracing::debug!(space, %path, id = record.id, "pending upload dropped by unlink");
@@ -303,25 +304,22 @@ impl Journal {
     /// the caller renames the stored objects first and an older stored version can never
     /// overwrite a newer pending one.
     pub async fn rename(&self, space: &str, from: &ObjectPath, to: &ObjectPath) -> Result<RenameGuard, JournalError> {
-        let mut entries = self.entries.lock().await;
+        let entries = self.entries.lock().await;
 
         // Pending content at the destination is replaced, as the destination object is;
         // uploading it later would overwrite the renamed file.
-        let replaced = self.take_entries(&mut entries, |r| r.space == space && r.path == to.as_ref()).await;
+        let (entries, replaced) = self.take_entries(entries, &|r| r.space == space && r.path == to.as_ref()).await;
         for record in replaced {
             self.remove_files(record.id);
         }
 
-        let moving: Vec<u64> = entries
-            .values()
-            .filter(|e| e.record.space == space && renamed_path(&e.record.path, from.as_ref(), to.as_ref()).is_some())
-            .map(|e| e.record.id)
-            .collect();
+        let moving = |r: &EntryRecord| r.space == space && renamed_path(&r.path, from.as_ref(), to.as_ref()).is_some();
+        let (mut entries, locked) = self.lock_matching(entries, &moving).await;
 
         let mut locks = Vec::new();
-        for id in &moving {
-            let Some(entry) = entries.get_mut(id) else { continue };
-            locks.push(Arc::clone(&entry.upload_lock).lock_owned().await);
+        for (id, lock) in locked {
+            locks.push(lock);
+            let Some(entry) = entries.get_mut(&id) else { continue };
             let mut record = entry.record.clone();
             record.path = renamed_path(&record.path, from.as_ref(), to.as_ref()).expect("filtered above");
             self.write_record(&record)?;
@@ -467,22 +465,50 @@ impl Journal {
     // -- files --------------------------------------------------------------------------
 
     /// Removes and returns the records matching `matches`, after waiting for their
-    /// uploads in flight to finish.
-    async fn take_entries(
-        &self,
-        entries: &mut BTreeMap<u64, Entry>,
-        matches: impl Fn(&EntryRecord) -> bool,
-    ) -> Vec<EntryRecord> {
-        let ids: Vec<u64> = entries.values().filter(|e| matches(&e.record)).map(|e| e.record.id).collect();
-        let mut removed = Vec::new();
-        for id in ids {
-            let Some(entry) = entries.remove(&id) else { continue };
-            // Waits for an upload in flight; the uploader releases this lock before it
-            // takes the table lock that the caller holds.
-            let _upload = entry.upload_lock.lock().await;
-            removed.push(entry.record);
+    /// uploads in flight to finish (see [`Journal::lock_matching`]).
+    async fn take_entries<'a>(
+        &'a self,
+        entries: MutexGuard<'a, Table>,
+        matches: &(dyn Fn(&EntryRecord) -> bool + Sync),
+    ) -> (MutexGuard<'a, Table>, Vec<EntryRecord>) {
+        let (mut entries, locked) = self.lock_matching(entries, matches).await;
+        let removed = locked.iter().filter_map(|(id, _)| entries.remove(id)).map(|e| e.record).collect();
+        (entries, removed)
+    }
+
+    /// Takes the upload locks of the entries matching `matches` and returns them with
+    /// the table lock. While an upload of one of them is in flight, this waits with the
+    /// table unlocked, so other files' journal operations go on, then looks again.
+    async fn lock_matching<'a>(
+        &'a self,
+        mut entries: MutexGuard<'a, Table>,
+        matches: &(dyn Fn(&EntryRecord) -> bool + Sync),
+    ) -> (MutexGuard<'a, Table>, Vec<(u64, OwnedMutexGuard<()>)>) {
+        loop {
+            let candidates: Vec<(u64, Arc<Mutex<()>>)> = entries
+                .values()
+                .filter(|e| matches(&e.record))
+                .map(|e| (e.record.id, Arc::clone(&e.upload_lock)))
+                .collect();
+
+            let mut locked = Vec::new();
+            let mut busy = None;
+            for (id, lock) in candidates {
+                match Arc::clone(&lock).try_lock_owned() {
+                    Ok(guard) => locked.push((id, guard)),
+                    Err(_) => {
+                        busy = Some(lock);
+                        break;
+                    }
+                }
+            }
+            let Some(busy) = busy else { return (entries, locked) };
+
+            drop(locked);
+            drop(entries);
+            drop(busy.lock().await);
+            entries = self.entries.lock().await;
         }
-        removed
     }
 
     fn pending_file(&self, record: &EntryRecord) -> PendingFile {
@@ -746,6 +772,44 @@ mod tests {
         journal.flush(Duration::from_secs(10)).await;
         let head = fixture.space.store.get_opts(&ObjectPath::from("m1"), object_store::GetOptions::new().with_head(true)).await.unwrap();
         assert_eq!(PosixMeta::from_attributes(&head.attributes), meta);
+    }
+
+    /// A record that waits for an upload in flight of the same path does not hold up
+    /// journal operations on other files.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiting_record_does_not_block_others() {
+        use object_store::throttle::{ThrottleConfig, ThrottledStore};
+
+        let mut fixture = fixture();
+        let config = ThrottleConfig { wait_put_per_call: Duration::from_millis(1500), ..ThrottleConfig::default() };
+        fixture.space.store = Arc::new(ThrottledStore::new(InMemory::new(), config));
+        let journal = open(&fixture, Duration::ZERO);
+        journal.spawn_uploader();
+
+        record(&fixture, &journal, "a", b"first", false).await;
+        tokio::time::sleep(Duration::from_millis(300)).await; // the upload of "a" is in flight
+
+        let second = {
+            let journal = Arc::clone(&journal);
+            let staging = fixture.staging.clone();
+            tokio::spawn(async move {
+                let staging = Staging::create(&staging, None).unwrap();
+                staging.write(0, b"second").await.unwrap();
+                let frozen = staging.freeze().await.unwrap();
+                let path = ObjectPath::parse("a").unwrap();
+                journal.record("m", &path, &frozen, staging.path(), false, &PosixMeta::default()).await.unwrap();
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let started = std::time::Instant::now();
+        record(&fixture, &journal, "b", b"other", false).await;
+        assert!(started.elapsed() < Duration::from_millis(1000), "blocked for {:?}", started.elapsed());
+
+        second.await.unwrap();
+        assert_eq!(journal.flush(Duration::from_secs(20)).await, 0);
+        assert_eq!(stored(&fixture, "a").await.unwrap(), b"second");
+        assert_eq!(stored(&fixture, "b").await.unwrap(), b"other");
     }
 
     #[tokio::test]
