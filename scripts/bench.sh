@@ -108,15 +108,18 @@ install_peers() {
 }
 
 # Builds each binary on its own, so one that does not compile only removes its sections.
-# Writes $BENCH_DIR/binaries.json: {"NAME": {"ok": bool, "path" or "reason": ...}}.
+# Each binary is copied to $BENCH_DIR/bin, so a build started by someone else during the
+# run cannot swap it. Writes $BENCH_DIR/binaries.json: {"NAME": {"ok": bool, "path" or "reason": ...}}.
 build_binaries() {
-    local name log entries=() path
+    local name log entries=() path built
+    mkdir -p "$BENCH_DIR/bin"
     for name in "${BINARIES[@]}"; do
-        path="$REPO_DIR/target/release/$name"
+        built="$REPO_DIR/target/release/$name"
+        path="$BENCH_DIR/bin/$name"
         log="$BENCH_DIR/logs/build-$name.log"
         if ((build)); then
             info "building $name (release)"
-            if cargo build --release -p "$name" >"$log" 2>&1; then
+            if cargo build --release -p "$name" >"$log" 2>&1 && cp -f "$built" "$path"; then
                 entries+=("\"$name\": {\"ok\": true, \"path\": \"$path\"}")
             else
                 local first_error
@@ -124,10 +127,10 @@ build_binaries() {
                 entries+=("\"$name\": {\"ok\": false, \"reason\": \"cargo build --release -p $name failed: ${first_error:-see $log}\"}")
                 info "building $name failed; its sections are recorded as not measured (log: $log)"
             fi
-        elif [[ -x $path ]]; then
+        elif [[ -x $built ]] && cp -f "$built" "$path"; then
             entries+=("\"$name\": {\"ok\": true, \"path\": \"$path\", \"prebuilt\": true}")
         else
-            entries+=("\"$name\": {\"ok\": false, \"reason\": \"$path is missing and --no-build was given\"}")
+            entries+=("\"$name\": {\"ok\": false, \"reason\": \"$built is missing and --no-build was given\"}")
         fi
     done
     local IFS=,

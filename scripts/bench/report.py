@@ -314,7 +314,12 @@ def render_machine(add, results):
     add(f"- OS: {machine['os']}, kernel {machine['kernel']}; disk of the run directory: {machine['disk']}")
     add(f"- datanet commit: {machine['commit']}")
     for name, entry in results.get("binaries", {}).items():
-        state = "built (release)" if entry.get("ok") else f"not available: {one_line(entry.get('reason', '?'))}"
+        if not entry.get("ok"):
+            state = f"not available: {one_line(entry.get('reason', '?'))}"
+        elif entry.get("prebuilt"):
+            state = "release binary found in target/release (`--no-build`), possibly older than the commit"
+        else:
+            state = "built (release) from the commit above at the start of the run"
         add(f"- `{name}`: {state}")
     for name, version in machine["versions"].items():
         add(f"- {name}: {version}")
