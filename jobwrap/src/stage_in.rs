@@ -6,6 +6,8 @@
 //! an S3 ETag is a plain MD5 (single-part upload) the MD5 of the bytes must equal it. A
 //! download is pinned to the planned ETag with `If-Match`, so an object replaced during
 //! staging fails instead of mixing versions. A SHA-256 of every file goes to the ledger.
+//! Objects of 64 MiB or more are fetched as concurrent ranged GETs of 8 MiB, written
+//! and hashed in order.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -18,7 +20,8 @@ use futures::{StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 use object_store::{GetOptions, ObjectStoreExt};
 use sha2::Sha256;
-use tokio::io::AsyncWriteExt;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::JobError;
 use crate::ledger::InputFile;
@@ -32,6 +35,14 @@ use crate::workdir::{self, Owner};
 pub const TRANSFER_ATTEMPTS: u32 = 4;
 /// Wait before the second attempt; doubled for each further attempt.
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// Objects of at least this size are downloaded as concurrent ranged GETs.
+const RANGED_MIN_BYTES: u64 = 64 << 20;
+/// Size of one ranged GET.
+const RANGE_PART_BYTES: u64 = 8 << 20;
+/// Ranged GETs of one object in flight at once.
+// NOTE: each large object holds up to RANGE_CONCURRENCY * RANGE_PART_BYTES (64 MiB) in
+// memory, and up to `transfer_concurrency` objects download at once.
+const RANGE_CONCURRENCY: usize = 8;
 
 /// The spaces a job uses, opened once.
 #[derive(Debug, Clone, Default)]
@@ -232,14 +243,6 @@ async fn download_once(
     let file_name = relative.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let partial = target.with_file_name(format!(".{file_name}.jobwrap-part"));
 
-    let options = GetOptions::new().with_if_match(file.e_tag.clone());
-    let result = space
-        .store
-        .get_opts(&file.source.object_path(), options)
-        .await
-        .map_err(|err| format!("cannot read {}: {err}", file.source))?;
-    let mut stream = result.into_stream();
-
     // A leftover (or planted) partial file is removed, and the new one is created with
     // O_EXCL, which never follows a symlink, so jobwrap running as root cannot be made
     // to write outside the working directory.
@@ -248,39 +251,132 @@ async fn download_once(
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(format!("cannot remove {}: {err}", partial.display())),
     }
-    let mut output = tokio::fs::OpenOptions::new()
+    let output = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&partial)
-        .await
         .map_err(|err| format!("cannot create {}: {err}", partial.display()))?;
+
+    let counter = AtomicU64::new(0);
+    let outcome = if file.size_bytes >= RANGED_MIN_BYTES {
+        download_ranged(space, file, &output, &partial, progress, &counter).await
+    } else {
+        download_stream(space, file, &output, &partial, progress, &counter).await
+    };
+    *counted = counter.load(Ordering::Relaxed);
+    let (written, (md5_hex, sha256_hex)) = outcome?;
+    output
+        .sync_all()
+        .map_err(|err| format!("cannot sync {}: {err}", partial.display()))?;
+    drop(output);
+
+    let verified = verify(space, file, written, &md5_hex)?;
+    owner.chown(&partial).map_err(|err| err.to_string())?;
+    tokio::fs::rename(&partial, &target)
+        .await
+        .map_err(|err| format!("cannot rename {} into place: {err}", partial.display()))?;
+    Ok((sha256_hex, verified))
+}
+
+/// MD5 and SHA-256 as hex strings.
+type Digests = (String, String);
+
+/// Downloads in one GET, hashing on the fly. Returns the bytes written and the digests.
+async fn download_stream(
+    space: &Space,
+    file: &InputFile,
+    output: &std::fs::File,
+    partial: &Path,
+    progress: &Progress,
+    counter: &AtomicU64,
+) -> Result<(u64, Digests), String> {
+    let options = GetOptions::new().with_if_match(file.e_tag.clone());
+    let result = space
+        .store
+        .get_opts(&file.source.object_path(), options)
+        .await
+        .map_err(|err| format!("cannot read {}: {err}", file.source))?;
+    let mut stream = result.into_stream();
+
+    let with_md5 = md5_from_e_tag(space, file.e_tag.as_deref()).is_some();
     let mut md5 = Md5::new();
     let mut sha256 = Sha256::new();
     let mut written = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|err| format!("reading {} failed: {err}", file.source))?;
-        md5.update(&chunk);
+        if with_md5 {
+            md5.update(&chunk);
+        }
         sha256.update(&chunk);
         output
-            .write_all(&chunk)
-            .await
+            .write_all_at(&chunk, written)
             .map_err(|err| format!("cannot write {}: {err}", partial.display()))?;
         written += chunk.len() as u64;
-        *counted += chunk.len() as u64;
+        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         progress.add_bytes(chunk.len() as u64);
     }
-    output
-        .sync_all()
-        .await
-        .map_err(|err| format!("cannot sync {}: {err}", partial.display()))?;
-    drop(output);
+    Ok((written, (hex::encode(md5.finalize()), hex::encode(sha256.finalize()))))
+}
 
-    let verified = verify(space, file, written, &hex::encode(md5.finalize()))?;
-    owner.chown(&partial).map_err(|err| err.to_string())?;
-    tokio::fs::rename(&partial, &target)
-        .await
-        .map_err(|err| format!("cannot rename {} into place: {err}", partial.display()))?;
-    Ok((hex::encode(sha256.finalize()), verified))
+/// Downloads a large object as concurrent ranged GETs. Parts are written and hashed in
+/// order, so at most [`RANGE_CONCURRENCY`] parts are held in memory per object.
+async fn download_ranged(
+    space: &Space,
+    file: &InputFile,
+    output: &std::fs::File,
+    partial: &Path,
+    progress: &Progress,
+    counter: &AtomicU64,
+) -> Result<(u64, Digests), String> {
+    let path = file.source.object_path();
+    let ranges: Vec<std::ops::Range<u64>> = (0..file.size_bytes)
+        .step_by(RANGE_PART_BYTES as usize)
+        .map(|start| start..(start + RANGE_PART_BYTES).min(file.size_bytes))
+        .collect();
+
+    let mut parts = futures::stream::iter(ranges)
+        .map(|range| {
+            let path = &path;
+            async move {
+                let options = GetOptions::new().with_if_match(file.e_tag.clone()).with_range(Some(range.clone()));
+                let bytes = space
+                    .store
+                    .get_opts(path, options)
+                    .await
+                    .map_err(|err| format!("cannot read {} bytes {range:?}: {err}", file.source))?
+                    .bytes()
+                    .await
+                    .map_err(|err| format!("reading {} bytes {range:?} failed: {err}", file.source))?;
+                if bytes.len() as u64 != range.end - range.start {
+                    return Err(format!(
+                        "{} returned {} bytes for the range {range:?}",
+                        file.source,
+                        bytes.len()
+                    ));
+                }
+                Ok((range.start, bytes))
+            }
+        })
+        .buffered(RANGE_CONCURRENCY);
+
+    let with_md5 = md5_from_e_tag(space, file.e_tag.as_deref()).is_some();
+    let mut md5 = Md5::new();
+    let mut sha256 = Sha256::new();
+    let mut written = 0u64;
+    while let Some(part) = parts.next().await {
+        let (offset, bytes) = part?;
+        output
+            .write_all_at(&bytes, offset)
+            .map_err(|err| format!("cannot write {}: {err}", partial.display()))?;
+        if with_md5 {
+            md5.update(&bytes);
+        }
+        sha256.update(&bytes);
+        written += bytes.len() as u64;
+        counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        progress.add_bytes(bytes.len() as u64);
+    }
+    Ok((written, (hex::encode(md5.finalize()), hex::encode(sha256.finalize()))))
 }
 
 fn verify(space: &Space, file: &InputFile, written: u64, md5_hex: &str) -> Result<String, String> {

@@ -377,3 +377,41 @@ fn assert_numbers_match(actual: &str, expected: &str, tolerance: f64) {
         }
     }
 }
+
+/// An object large enough for ranged GETs arrives intact, with its MD5 checked.
+#[test]
+fn large_object_ranged_stage_in() {
+    let h = Harness::new("large");
+    // 72 MiB plus a few bytes: nine full ranges and a short last one.
+    let mut data = Vec::with_capacity((72 << 20) + 5);
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    while data.len() < (72 << 20) + 5 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        data.extend_from_slice(&state.to_le_bytes());
+    }
+    data.truncate((72 << 20) + 5);
+    h.put("models", "big/data.bin", &data);
+    let local = h.dir.path().join("expected.bin");
+    std::fs::write(&local, &data).unwrap();
+    let expected = Command::new("sha256sum").arg(&local).output().unwrap();
+    let expected = String::from_utf8_lossy(&expected.stdout).split_whitespace().next().unwrap().to_string();
+
+    let script = h.write_script(
+        "sum.sh",
+        &format!(
+            "#!/bin/bash\n#SBATCH -J {}\n#DATANET --stage-in models:big/data.bin\n\
+             #DATANET --stage-out sum.txt=results:big/sum.txt\n\
+             sha256sum data.bin | cut -d' ' -f1 > sum.txt\n",
+            h.name
+        ),
+    );
+    let output = h.run(&["sbatch", script.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    assert_eq!(text(h.get("results", "big/sum.txt")).trim(), expected);
+    let record = h.only_record();
+    assert_eq!(record["inputs"][0]["verified"], "size+md5");
+    assert_eq!(record["inputs"][0]["sha256"], expected.as_str());
+}
