@@ -109,8 +109,16 @@ fn mount_command(
     if config.spaces.is_empty() {
         bail!("{} configures no space: add a [spaces.NAME] section with a url", config.source.display());
     }
-    let mountpoint = std::fs::canonicalize(mountpoint)
-        .with_context(|| format!("mount point {} does not exist: create it first", mountpoint.display()))?;
+    let mountpoint = match std::fs::canonicalize(mountpoint) {
+        Ok(path) => path,
+        Err(err) if err.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "mount point {0} is a stale FUSE mount (its daemon is gone): run `fusermount3 -u {0}` first",
+            mountpoint.display()
+        ),
+        Err(err) => {
+            return Err(err).with_context(|| format!("mount point {} does not exist: create it first", mountpoint.display()))
+        }
+    };
 
     if foreground {
         init_logging(log_file.as_deref())?;

@@ -26,6 +26,9 @@ pub enum MountError {
     #[error("mount point {path} is not an existing directory: create it first (mkdir -p {path})")]
     MountPoint { path: PathBuf },
 
+    #[error("mount point {path} is a stale FUSE mount whose daemon is gone: run `fusermount3 -u {path}` first")]
+    StaleMount { path: PathBuf },
+
     #[error("cannot start the filesystem: {0}")]
     Filesystem(String),
 
@@ -104,8 +107,12 @@ pub fn run(
     options: &MountOptions,
     ready: impl FnOnce(Result<(), String>),
 ) -> Result<(), MountError> {
-    if !mountpoint.is_dir() {
-        let err = MountError::MountPoint { path: mountpoint.to_path_buf() };
+    let checked = match std::fs::metadata(mountpoint) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Err(err) if err.raw_os_error() == Some(libc::ENOTCONN) => Err(MountError::StaleMount { path: mountpoint.to_path_buf() }),
+        _ => Err(MountError::MountPoint { path: mountpoint.to_path_buf() }),
+    };
+    if let Err(err) = checked {
         ready(Err(err.to_string()));
         return Err(err);
     }

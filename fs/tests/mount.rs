@@ -756,3 +756,24 @@ fn unmappable_keys_skipped_not_eio() {
     let raw = common::runtime().block_on(direct.markers.list_dir_raw("w/a")).unwrap();
     assert!(raw.prefixes.contains(&"w/a//".to_string()), "the unmappable key is kept: {raw:?}");
 }
+
+#[test]
+fn stale_mount_named_in_error() {
+    let garage = Garage::from_env();
+    let bucket = garage.fresh_bucket("stale-mount");
+    let mount = Mounted::start(&s3_and_local(&garage, &bucket), "");
+    // SAFETY: killing the child process this test started.
+    assert_eq!(unsafe { libc::kill(mount.pid() as i32, libc::SIGKILL) }, 0);
+    std::thread::sleep(Duration::from_millis(300));
+
+    let output = Command::new(common::datanet_bin())
+        .args(["mount", "--foreground", "--config"])
+        .arg(&mount.config_path)
+        .arg(&mount.mountpoint)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("stale FUSE mount"), "{stderr}");
+    assert!(stderr.contains("fusermount3 -u"), "{stderr}");
+}
