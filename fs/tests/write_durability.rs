@@ -80,7 +80,7 @@ fn unmount_waits_for_pending_uploads() {
 /// a direct upload (no write-back) retries within the store client's retry window.
 #[test]
 fn garage_stopped_during_uploads() {
-    let garage = PrivateGarage::start("write-outage", 20);
+    let garage = PrivateGarage::start("write-outage");
     let mut m = Mounted::start(&garage.garage, "stopped", write_back("10s"));
     std::fs::write(m.path("before.txt"), b"up\n").unwrap();
     assert!(wait_until(Duration::from_secs(20), || m.object("before.txt").is_some()));

@@ -164,7 +164,7 @@ async fn garage_partial_overwrite_keeps_tail() {
 /// The journal keeps retrying while Garage is down and uploads once it is back.
 #[tokio::test]
 async fn garage_journal_retries_until_store_returns() {
-    let private = PrivateGarage::start("journal-retry", 10);
+    let private = PrivateGarage::start("journal-retry");
     let (space, _) = space_on(&private.garage, "journal");
     let dir = tempfile::tempdir().unwrap();
 

@@ -119,25 +119,20 @@ impl Garage {
 /// without touching the stack's. Stopped on drop.
 pub struct PrivateGarage {
     pub garage: Garage,
+    /// S3, RPC and admin ports.
+    ports: [u16; 3],
 }
 
 impl PrivateGarage {
-    /// Starts (or reuses) the Garage `name`: run directory `$DATANET_RUN_DIR-NAME`, S3
-    /// port `port_offset` above the stack's, so that stacks moved to other ports and run
-    /// directories get their own private servers too.
-    pub fn start(name: &str, port_offset: u16) -> PrivateGarage {
+    /// Starts a Garage of this test process: run directory `$DATANET_RUN_DIR-NAME-PID`
+    /// and three free loopback ports, so that concurrent test runs never share one.
+    pub fn start(name: &str) -> PrivateGarage {
         let stack = stack_garage();
-        let run_dir = PathBuf::from(format!("{}-{name}", stack.run_dir.display()));
-        let stack_port: u16 = stack
-            .endpoint
-            .rsplit(':')
-            .next()
-            .and_then(|port| port.trim_end_matches('/').parse().ok())
-            .unwrap_or_else(|| panic!("DATANET_S3_ENDPOINT {} has no port", stack.endpoint));
-        let base_port = stack_port + port_offset;
+        let run_dir = PathBuf::from(format!("{}-{name}-{}", stack.run_dir.display(), std::process::id()));
+        let ports = free_ports();
         let private = PrivateGarage {
             garage: Garage {
-                endpoint: format!("http://127.0.0.1:{base_port}"),
+                endpoint: format!("http://127.0.0.1:{}", ports[0]),
                 region: "garage".into(),
                 access_key_id: String::new(),
                 secret_file: run_dir.join("garage/secret_access_key"),
@@ -145,22 +140,23 @@ impl PrivateGarage {
                 binary: stack.binary,
                 run_dir,
             },
+            ports,
         };
-        private.run("start", base_port);
+        private.run("start");
         let key = std::fs::read_to_string(private.garage.run_dir.join("garage/access_key_id")).expect("key id");
         let mut private = private;
         private.garage.access_key_id = key.trim().to_string();
         private
     }
 
-    fn run(&self, command: &str, base_port: u16) {
+    fn run(&self, command: &str) {
         let output = Command::new("bash")
             .arg(scripts_dir().join("garage.sh"))
             .arg(command)
             .env("DATANET_RUN_DIR", &self.garage.run_dir)
-            .env("DATANET_S3_PORT", base_port.to_string())
-            .env("DATANET_GARAGE_RPC_PORT", (base_port + 1).to_string())
-            .env("DATANET_GARAGE_ADMIN_PORT", (base_port + 3).to_string())
+            .env("DATANET_S3_PORT", self.ports[0].to_string())
+            .env("DATANET_GARAGE_RPC_PORT", self.ports[1].to_string())
+            .env("DATANET_GARAGE_ADMIN_PORT", self.ports[2].to_string())
             .output()
             .expect("cannot run scripts/garage.sh");
         assert!(
@@ -172,7 +168,7 @@ impl PrivateGarage {
     }
 
     fn port(&self) -> u16 {
-        self.garage.endpoint.rsplit(':').next().unwrap().parse().unwrap()
+        self.ports[0]
     }
 
     /// Stops the server abruptly (SIGKILL), as a crash or a network cut would. A graceful
@@ -200,18 +196,30 @@ impl PrivateGarage {
     }
 
     pub fn restart(&self) {
-        self.run("start", self.port());
+        self.run("start");
     }
 }
 
 impl Drop for PrivateGarage {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
+        let stopped = Command::new("bash")
             .arg(scripts_dir().join("garage.sh"))
             .arg("stop")
             .env("DATANET_RUN_DIR", &self.garage.run_dir)
-            .output();
+            .output()
+            .is_ok_and(|output| output.status.success());
+        if stopped {
+            let _ = std::fs::remove_dir_all(&self.garage.run_dir);
+        }
     }
+}
+
+/// Three loopback ports that are free now (the kernel picks them).
+fn free_ports() -> [u16; 3] {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..3).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free port")).collect();
+    let port = |i: usize| listeners[i].local_addr().unwrap().port();
+    [port(0), port(1), port(2)]
 }
 
 /// Deterministic test content.
