@@ -3,8 +3,12 @@
 //! Secrets travel only on standard input, never in arguments, because any local user
 //! can read another process's argument list. Tools run with `LC_ALL=C`, so the error
 //! texts that callers match (such as "does not exist") are the untranslated ones.
+//!
+//! A tool dies with the provisioner (`PR_SET_PDEATHSIG`). Otherwise a tool of a killed
+//! provisioner would keep changing accounts or shares while the next gc repairs them.
 
 use std::io::Write;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
 use crate::ProvisionError;
@@ -62,7 +66,23 @@ pub fn run(
         source,
     };
 
-    let mut child = Command::new(program)
+    let parent = std::process::id() as libc::pid_t;
+    let mut command = Command::new(program);
+    // SAFETY: the closure runs between fork and exec and calls only prctl and getppid,
+    // which are async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The provisioner may have died before prctl took effect.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
         .args(args)
         .env("LC_ALL", "C")
         .stdin(if stdin.is_some() {

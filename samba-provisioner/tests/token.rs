@@ -57,8 +57,14 @@ fn decode_prints_instructions() {
     let from_file = env.run_ok(&["decode", token_file.to_str().unwrap()], None);
     assert_eq!(from_file, text);
 
-    let config: toml::Table = std::fs::read_to_string(&env.config_path).unwrap().parse().unwrap();
-    let stack_key = config["samba"]["token_key_file"].as_str().unwrap().to_string();
+    let config: toml::Table = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let stack_key = config["samba"]["token_key_file"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let key_file = env.work_file("node.key", &std::fs::read_to_string(stack_key).unwrap());
     std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_samba-provisioner"));

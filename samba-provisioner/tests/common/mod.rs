@@ -254,7 +254,13 @@ impl Drop for TestEnv {
 
         // Safety net: remove by name whatever gc left behind.
         let conf = self.stack.smb_conf.to_str().unwrap().to_string();
-        for name in samba_objects(&self.stack.smb_conf, &self.prefix) {
+        let mut names: Vec<String> = samba_objects(&self.stack.smb_conf, &self.prefix)
+            .iter()
+            .filter_map(|object| object.split_once(' ').map(|(_, name)| name.to_string()))
+            .collect();
+        names.sort();
+        names.dedup();
+        for name in names {
             let _ = Command::new("net")
                 .args(["conf", "delshare", "-s", &conf, &name])
                 .output();
