@@ -19,6 +19,9 @@ use crate::config::{SpaceConfig, SpaceLocation};
 /// S3 allows at most this many parts in one multipart upload.
 const MAX_PARTS: u64 = 10_000;
 
+/// Smallest part S3 accepts, except for the last one.
+const MIN_PART_BYTES: u64 = 5 << 20;
+
 /// Largest part `UploadPartCopy` accepts.
 const MAX_PART_BYTES: u64 = 5 << 30;
 
@@ -104,10 +107,8 @@ impl PartCopyClient {
     /// Copies `request.from` to `request.to` in parts of at least `part_size_bytes`, at
     /// most `max_concurrency` at a time. On failure the upload is aborted.
     pub async fn copy(&self, request: &CopyRequest<'_>, part_size_bytes: u64, max_concurrency: usize) -> Result<(), PartCopyError> {
-        let part_size = part_size_bytes
-            .max(request.size_bytes.div_ceil(MAX_PARTS))
-            .max(5 << 20)
-            .min(MAX_PART_BYTES);
+        // S3 parts are 5 MiB to 5 GiB, at most 10,000 of them.
+        let part_size = part_size_bytes.max(request.size_bytes.div_ceil(MAX_PARTS)).clamp(MIN_PART_BYTES, MAX_PART_BYTES);
         let upload_id = self.create(request).await?;
 
         match self.copy_parts(request, &upload_id, part_size, max_concurrency).await {

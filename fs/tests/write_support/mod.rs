@@ -224,5 +224,5 @@ fn free_ports() -> [u16; 3] {
 
 /// Deterministic test content.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| ((i as u64 * 2_654_435_761 >> 7) as u8) ^ seed).collect()
+    (0..len).map(|i| (((i as u64 * 2_654_435_761) >> 7) as u8) ^ seed).collect()
 }
