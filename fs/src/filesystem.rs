@@ -36,6 +36,10 @@ const META_HEAD_CONCURRENCY: usize = 16;
 /// Listings with more files than this get no metadata read-ahead.
 const META_HEAD_MAX_FILES: usize = 20_000;
 
+/// Directories with at most this many entries are listed again, instead of sending a
+/// HEAD and a LIST, when a name is looked up in them shortly after their listing expired.
+const RELIST_MAX_ENTRIES: usize = 5_000;
+
 /// Inodes whose last-open ETag is remembered for `keep_cache`.
 const MAX_OPENED_ETAGS: usize = 100_000;
 
@@ -235,18 +239,16 @@ impl DatanetFs {
             }
         }
 
-        let cached = self.meta.entry(space, key).or_else(|| {
-            let (dir, name) = split_key(key);
-            let listing = self.meta.listing(space, dir)?;
-            Some(match listing.binary_search_by(|e| e.name.as_str().cmp(name)) {
-                Ok(index) => match &listing[index] {
-                    DirEntry { kind: Kind::Dir, .. } => Entry::Dir,
-                    DirEntry { stat: Some(stat), .. } => Entry::File(stat.clone()),
-                    _ => return None,
-                },
-                Err(_) => Entry::Missing,
-            })
-        });
+        let (dir, name) = split_key(key);
+        let mut cached = self
+            .meta
+            .entry(space, key)
+            .or_else(|| entry_in_listing(&self.meta.listing(space, dir)?, name));
+        if cached.is_none() && self.meta.recently_listed(space, dir).is_some_and(|len| len <= RELIST_MAX_ENTRIES) {
+            // A directory that was listed recently (and is being worked in) is listed
+            // again: one request instead of a HEAD and a LIST for every name looked up.
+            cached = entry_in_listing(&self.listing(space, dir).await?, name);
+        }
         if let Some(mut entry) = cached {
             if let Entry::File(stat) = &mut entry {
                 if stat.meta.is_none() {
@@ -805,6 +807,9 @@ impl DatanetFs {
         self.meta.insert_entry(space, &key, Entry::Dir);
         let listed = DirEntry { name: name.to_string(), kind: Kind::Dir, stat: None };
         self.meta.patch_listing(space, &dir, name, Some(listed));
+        // The new directory was missing a moment ago, so it is empty: lookups of the
+        // files about to be created in it need no request.
+        self.meta.insert_listing(space, &key, Arc::new(Vec::new()));
         let ino = self.inodes.lookup(space, &key, Kind::Dir);
         let attr = self.attr_of(ino, space, &Entry::Dir);
         Ok(self.with_dir_meta(attr, space, &key).await)
@@ -854,7 +859,7 @@ impl DatanetFs {
 
         let pending = self.inodes.peek(space, &key).and_then(|ino| self.writer_of(ino));
         if let Some(writer) = &pending {
-            writer.mark_unlinked();
+            writer.mark_unlinked().await;
         }
         // Content waiting in the write-back journal must never reach the store now.
         self.journal.forget(handle.name(), &object_path(&key)?).await;
@@ -1391,6 +1396,18 @@ async fn read_listed_meta(handle: Arc<SpaceHandle>, cache: MetaCache, space: usi
         })
         .await;
     tracing::debug!(space = handle.name(), files = count, elapsed_ms = started.elapsed().as_millis() as u64, "read metadata of a listing");
+}
+
+/// What a listing says about `name`: `None` when it lists `name` without attributes.
+fn entry_in_listing(listing: &[DirEntry], name: &str) -> Option<Entry> {
+    Some(match listing.binary_search_by(|e| e.name.as_str().cmp(name)) {
+        Ok(index) => match &listing[index] {
+            DirEntry { kind: Kind::Dir, .. } => Entry::Dir,
+            DirEntry { stat: Some(stat), .. } => Entry::File(stat.clone()),
+            _ => return None,
+        },
+        Err(_) => Entry::Missing,
+    })
 }
 
 fn apply_change(meta: &mut PosixMeta, change: &SetAttr) {

@@ -19,6 +19,9 @@ const MAX_ENTRIES: u64 = 1_000_000;
 /// Upper bound of directory entries held by cached listings.
 const MAX_LISTED_ENTRIES: u64 = 2_000_000;
 
+/// How long a directory counts as recently listed after its last listing.
+const RECENT_LISTING_TTL: Duration = Duration::from_secs(60);
+
 /// How long decoded POSIX metadata is remembered for an unchanged object version.
 const POSIX_META_TTL: Duration = Duration::from_secs(3600);
 
@@ -96,17 +99,21 @@ pub struct MetaCache {
     /// an object whose listing shows the same ETag and last-modified time, because
     /// any rewrite of the object (content or metadata) changes the last-modified time.
     posix: Cache<CacheKey, KnownMeta>,
+    /// Entry counts of directories listed in the last [`RECENT_LISTING_TTL`].
+    recent_listings: Cache<CacheKey, usize>,
 }
 
 impl MetaCache {
     pub fn new(ttl: Duration) -> Self {
         let posix = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(POSIX_META_TTL).build();
+        let recent_listings = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(RECENT_LISTING_TTL).build();
         if ttl.is_zero() {
             return MetaCache {
                 entries: None,
                 listings: None,
                 ttl,
                 posix,
+                recent_listings,
             };
         }
         let entries = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(ttl).build();
@@ -120,6 +127,7 @@ impl MetaCache {
             listings: Some(listings),
             ttl,
             posix,
+            recent_listings,
         }
     }
 
@@ -185,6 +193,7 @@ impl MetaCache {
             }
         }
         if let Some(listings) = &self.listings {
+            self.recent_listings.insert((space, dir.to_string()), listing.len());
             listings.insert((space, dir.to_string()), (Instant::now(), listing));
         }
     }
@@ -209,6 +218,12 @@ impl MetaCache {
             (Err(_), None) => {}
         }
         listings.insert(key, (listed_at, Arc::new(entries)));
+    }
+
+    /// The entry count of `dir` when it was listed within the last minute (even if that
+    /// listing has expired since).
+    pub fn recently_listed(&self, space: usize, dir: &str) -> Option<usize> {
+        self.recent_listings.get(&(space, dir.to_string()))
     }
 
     pub fn remove_listing(&self, space: usize, dir: &str) {

@@ -98,7 +98,10 @@ impl Writer {
         self.meta_dirty.store(true, Ordering::SeqCst);
     }
 
-    pub fn mark_unlinked(&self) {
+    /// Marks the file as unlinked, after waiting for an upload in flight, so that the
+    /// caller's delete of the object comes after it and nothing is resurrected.
+    pub async fn mark_unlinked(&self) {
+        let _serialized = self.upload_lock.lock().await;
         self.unlinked.store(true, Ordering::SeqCst);
     }
 
