@@ -223,10 +223,22 @@ fn listing_pagination_over_10000() {
     assert_eq!(unique.len(), 10_500, "every entry exactly once");
 
     fs::create_dir(mount.path("s3/many2")).unwrap();
-    for i in 1..=300 {
-        File::create(mount.path(&format!("s3/many2/{i}"))).unwrap();
+    let creators: Vec<_> = (0..4)
+        .map(|worker| {
+            let dir = mount.path("s3/many2");
+            std::thread::spawn(move || {
+                for i in (1..=3000).filter(|i| i % 4 == worker) {
+                    File::create(dir.join(i.to_string())).unwrap();
+                }
+            })
+        })
+        .collect();
+    for creator in creators {
+        creator.join().unwrap();
     }
-    assert_eq!(names(&mount.path("s3/many2")).len(), 300);
+    assert_eq!(names(&mount.path("s3/many2")).len(), 3000, "files created through the mount span three pages");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(names(&mount.path("s3/many2")).len(), 3000, "and a fresh listing finds them all");
 }
 
 #[test]
