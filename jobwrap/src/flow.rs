@@ -34,6 +34,10 @@ use crate::track;
 use crate::workdir::{self, Owner};
 use crate::wrapper::{self, SCRIPT_FILE, WRAPPER_FILE};
 
+/// Begin time of a job submitted before its stage-in. The job is released earlier by
+/// setting its start time to now; the wrapper refuses to run without verified inputs in
+/// case jobwrap is not resumed before this time.
+const OVERLAP_BEGIN: &str = "now+7days";
 /// How often the record is saved while many small files are transferred.
 const PROGRESS_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often tracking looks for the wrapper's exit-status file between Slurm polls.
@@ -155,7 +159,7 @@ impl Jobwrap {
             error: None,
             driver_pid: None,
             placement,
-            overlap: !spec.stage_first && !spec.stage_in.is_empty(),
+            overlap: !spec.stage_first && !spec.stage_in.is_empty() && !sets_begin_time(&spec),
             spec,
         };
         let lock = self.ledger.lock(&id)?;
@@ -256,7 +260,9 @@ impl Jobwrap {
         chdir.push(&record.workdir);
         let mut args = vec![chdir, OsString::from(format!("--comment={}", record.submit_comment))];
         if record.overlap {
-            args.push(OsString::from("--hold"));
+            // A deferred begin time keeps the job's place in the queue, which `--hold`
+            // followed by `scontrol release` would reset to the end.
+            args.push(OsString::from(format!("--begin={OVERLAP_BEGIN}")));
         }
 
         let mut declared = inspect(&spec.sbatch_options);
@@ -342,15 +348,16 @@ impl Jobwrap {
             }
         }
 
+        workdir::write_control_file(&record.workdir, wrapper::INPUTS_VERIFIED_FILE, "", 0o600, owner)?;
         record.phase = if record.overlap { Phase::Releasing } else { Phase::Submitting };
         self.ledger.save(record)?;
         Ok(())
     }
 
-    /// Cancels the held job whose inputs could not be staged in, recording why.
+    /// Cancels the deferred job whose inputs could not be staged in, recording why.
     fn cancel_after_failed_stage_in(&self, record: &mut JobRecord, failures: &[String]) -> Result<(), JobError> {
         let job_id = record.slurm.job_id.clone().unwrap_or_default();
-        let reason = format!("stage-in failed, so the held Slurm job {job_id} was cancelled:\n  {}", failures.join("\n  "));
+        let reason = format!("stage-in failed, so the waiting Slurm job {job_id} was cancelled:\n  {}", failures.join("\n  "));
         notify(record, &reason);
         self.slurm(record)?.scancel(&job_id)?;
         record.error = Some(reason);
@@ -359,14 +366,14 @@ impl Jobwrap {
         Ok(())
     }
 
-    /// Releases the held job once its inputs are staged in and verified.
+    /// Releases the deferred job once its inputs are staged in and verified.
     fn release(&self, record: &mut JobRecord) -> Result<(), JobError> {
         let slurm = self.slurm(record)?;
         let job_id = record.slurm.job_id.clone().unwrap_or_default();
         if let Err(err) = slurm.release(&job_id) {
-            // A release that already happened before a crash fails the second time.
-            let held = slurm.show_job(&job_id)?.is_some_and(|info| info.held);
-            if held {
+            // A release that already happened before a crash may fail the second time.
+            let deferred = slurm.show_job(&job_id)?.is_some_and(|info| info.deferred);
+            if deferred {
                 return Err(err);
             }
         }
@@ -571,7 +578,7 @@ impl Jobwrap {
         Ok(())
     }
 
-    /// Handles a cancel request before the job was released to run: a submitted (held)
+    /// Handles a cancel request before the job was released to run: a submitted (deferred)
     /// job goes to tracking, which cancels it; otherwise nothing is ever submitted.
     async fn cancel_before_release(&self, record: &mut JobRecord) -> Result<(), JobError> {
         if record.slurm.job_id.is_some() {
@@ -629,6 +636,13 @@ impl Jobwrap {
             Err(err) => Err(err),
         }
     }
+}
+
+/// True when the user sets a begin time, which overlapped staging would override.
+fn sets_begin_time(spec: &JobSpec) -> bool {
+    let mut options = inspect(&script_header_options(&spec.script_text));
+    options.extend(inspect(&spec.sbatch_options));
+    has_option(&options, "begin", Some('b'))
 }
 
 /// Sleeps for one poll interval, but returns early once the wrapper has written the

@@ -92,7 +92,8 @@ pub struct JobRecord {
     /// Why the cluster was chosen, when jobwrap chose it among several.
     #[serde(default)]
     pub placement: Option<crate::placement::Placement>,
-    /// True when the job is submitted held and staged in while it waits.
+    /// True when the job is submitted with a deferred begin time and staged in while it
+    /// waits in the queue.
     #[serde(default)]
     pub overlap: bool,
 }

@@ -338,7 +338,7 @@ fn print_sbatch_help() {
          --to DEST                        destination of the preceding --stage-in/--stage-out\n  \
          --output SPACE:PREFIX/           where Slurm's logs and outputs without a destination go\n  \
          --keep                           keep the working directory after stage-out\n  \
-         --stage-first                    stage in, then submit (default: submit held, stage in while queued)\n  \
+         --stage-first                    stage in, then submit (default: submit first, stage in while queued)\n  \
          --cluster NAME|auto              cluster from the configuration; auto picks the soonest start\n  \
          --detach                         return after submission; `jobwrap resume` finishes the job\n\n\
          Every other option before SCRIPT is passed to sbatch unchanged."

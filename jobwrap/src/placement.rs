@@ -227,8 +227,9 @@ pub fn query_load(cluster: &ClusterConfig) -> Result<ClusterLoad, String> {
     load.cluster = cluster.name.clone();
     for line in pending.lines() {
         let Some((cpus, reason)) = line.split_once('|') else { continue };
-        // Held jobs wait for a person or for jobwrap's own stage-in, not for resources.
-        if reason.contains("Held") {
+        // Held and deferred jobs wait for a person, a begin time or jobwrap's own
+        // stage-in, not for resources.
+        if reason.contains("Held") || reason.contains("BeginTime") {
             continue;
         }
         load.pending_jobs += 1;

@@ -25,8 +25,8 @@ pub struct JobInfo {
     pub time_limit_seconds: Option<u64>,
     pub stdout: Option<PathBuf>,
     pub stderr: Option<PathBuf>,
-    /// True while the job is held (`Reason=JobHeldUser` or `JobHeldAdmin`).
-    pub held: bool,
+    /// True while the job waits for its begin time (`Reason=BeginTime`).
+    pub deferred: bool,
 }
 
 /// Fields of `sacct` output for the job allocation.
@@ -155,13 +155,18 @@ impl Slurm {
         })
     }
 
-    /// Releases a held job (`scontrol release`).
+    /// Lets a job submitted with a deferred begin time start now
+    /// (`scontrol update JobId=ID StartTime=now`).
     pub fn release(&self, job_id: &str) -> Result<(), JobError> {
-        let args = [OsString::from("release"), OsString::from(job_id)];
+        let args = [
+            OsString::from("update"),
+            OsString::from(format!("JobId={job_id}")),
+            OsString::from("StartTime=now"),
+        ];
         let output = self.run("scontrol", &args)?;
         if !output.status.success() {
             return Err(JobError::Slurm {
-                command: "scontrol release".into(),
+                command: "scontrol update StartTime=now".into(),
                 message: one_line(&output.stderr),
             });
         }
@@ -256,7 +261,7 @@ fn parse_show_job(line: &str) -> JobInfo {
         time_limit_seconds: get("TimeLimit").and_then(|text| parse_time_limit(&text)),
         stdout: get("StdOut").filter(|path| !path.is_empty()).map(PathBuf::from),
         stderr: get("StdErr").filter(|path| !path.is_empty()).map(PathBuf::from),
-        held: get("Reason").is_some_and(|reason| reason.starts_with("JobHeld")),
+        deferred: get("Reason").is_some_and(|reason| reason.starts_with("BeginTime")),
     }
 }
 

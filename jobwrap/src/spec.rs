@@ -44,7 +44,7 @@ pub struct JobSpec {
     pub output: Option<SpaceLocation>,
     /// Keep the working directory after stage-out.
     pub keep_workdir: bool,
-    /// Stage in before submitting instead of submitting held and staging in while the
+    /// Stage in before submitting instead of submitting first and staging in while the
     /// job waits in the queue.
     #[serde(default)]
     pub stage_first: bool,

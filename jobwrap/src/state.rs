@@ -17,7 +17,7 @@ pub enum Phase {
     StageIn,
     /// The submission intent is recorded; sbatch may or may not have run.
     Submitting,
-    /// Overlapped staging: inputs are verified, the held job is being released.
+    /// Overlapped staging: inputs are verified, the waiting job is being released.
     Releasing,
     /// sbatch returned a job id; the job is tracked until it ends.
     Submitted,

@@ -17,6 +17,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+fn workdir_exists_without_marker(record: &serde_json::Value) -> bool {
+    let workdir = std::path::PathBuf::from(record["workdir"].as_str().unwrap());
+    workdir.is_dir() && !workdir.join(".jobwrap/inputs-verified").exists()
+}
+
 /// Waits until neither cluster has active jobs, because placement depends on load and
 /// other test suites may share the stack's clusters.
 fn wait_until_idle(h: &Harness) {
@@ -227,7 +232,8 @@ fn held_job_released_after_inputs_verified() {
     assert_eq!(record["phase"], "stage-in");
     let jobs = h.slurm_jobs_on("a");
     assert_eq!(jobs.len(), 1, "{jobs:?}");
-    assert!(jobs[0].1.starts_with("PENDING|JobHeld"), "{jobs:?}");
+    assert!(jobs[0].1.starts_with("PENDING|BeginTime"), "{jobs:?}");
+    assert!(workdir_exists_without_marker(&record), "inputs marked verified before stage-in finished");
     let workdir = std::path::PathBuf::from(record["workdir"].as_str().unwrap());
     assert!(!workdir.join(".jobwrap/started").exists());
 
