@@ -41,13 +41,16 @@ pub enum JournalError {
 
     #[error("space {0:?} is not configured")]
     UnknownSpace(String),
+
+    #[error("write-back journal {dir} is in use by another datanet process; give each mount its own cache.dir")]
+    InUse { dir: PathBuf },
 }
 
 impl JournalError {
     pub fn errno(&self) -> i32 {
         match self {
             JournalError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            JournalError::UnknownSpace(_) => libc::EIO,
+            JournalError::UnknownSpace(_) | JournalError::InUse { .. } => libc::EIO,
         }
     }
 }
@@ -116,6 +119,8 @@ pub struct PendingFile {
 }
 
 pub struct Journal {
+    /// Holds an exclusive `flock` on the journal directory for the life of the journal.
+    _lock: File,
     settings: JournalSettings,
     spaces: BTreeMap<String, JournalSpace>,
     upload: UploadSettings,
@@ -144,6 +149,7 @@ impl Journal {
         upload: UploadSettings,
     ) -> Result<Arc<Journal>, JournalError> {
         std::fs::create_dir_all(&settings.dir).map_err(io_error(&settings.dir))?;
+        let lock = lock_dir(&settings.dir)?;
         let records = load_records(&settings.dir)?;
 
         let now = Instant::now();
@@ -165,6 +171,7 @@ impl Journal {
         // Ids also order entries in time, so they continue above those on disk.
         let clock_id = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
         Ok(Arc::new(Journal {
+            _lock: lock,
             settings,
             spaces,
             upload,
@@ -558,6 +565,24 @@ impl Journal {
     }
 }
 
+/// Takes the exclusive lock of the journal directory, so that two processes never
+/// upload, or clean up, each other's entries.
+fn lock_dir(dir: &Path) -> Result<File, JournalError> {
+    use std::os::fd::AsRawFd;
+
+    let path = dir.join(".lock");
+    let file = File::options().create(true).truncate(false).write(true).open(&path).map_err(io_error(&path))?;
+    // SAFETY: flock(2) on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(JournalError::InUse { dir: dir.to_path_buf() });
+        }
+        return Err(JournalError::Io { path, source: err });
+    }
+    Ok(file)
+}
+
 /// Puts the first `len` bytes of the staging file into `data` and syncs them.
 fn store_data(source: &File, staging: &Path, data: &Path, len: u64, reuse_file: bool) -> std::io::Result<()> {
     if reuse_file {
@@ -669,6 +694,11 @@ mod tests {
         }
     }
 
+    /// Files in the journal directory besides its lock file.
+    fn entry_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().filter(|e| e.as_ref().unwrap().file_name() != ".lock").count()
+    }
+
     fn open(fixture: &Fixture, delay: Duration) -> Arc<Journal> {
         let mut spaces = BTreeMap::new();
         spaces.insert(
@@ -713,7 +743,7 @@ mod tests {
         assert_eq!(stored(&fixture, "a/b %.txt").await.unwrap(), b"pending data");
         let head = fixture.space.store.get_opts(&ObjectPath::parse("a/b %.txt").unwrap(), object_store::GetOptions::new().with_head(true)).await.unwrap();
         assert_eq!(PosixMeta::from_attributes(&head.attributes).mode, Some(0o100600));
-        assert_eq!(std::fs::read_dir(&fixture.journal_dir).unwrap().count(), 0);
+        assert_eq!(entry_files(&fixture.journal_dir), 0);
     }
 
     #[tokio::test]
@@ -820,7 +850,19 @@ mod tests {
         std::fs::write(fixture.journal_dir.join("8.json.tmp"), b"{").unwrap();
         let journal = open(&fixture, Duration::from_secs(1));
         assert!(journal.is_empty().await);
-        assert_eq!(std::fs::read_dir(&fixture.journal_dir).unwrap().count(), 0);
+        assert_eq!(entry_files(&fixture.journal_dir), 0);
+    }
+
+    #[test]
+    fn second_journal_on_same_dir_rejected() {
+        let fixture = fixture();
+        let first = open(&fixture, Duration::from_secs(1));
+        let settings = JournalSettings::new(fixture.journal_dir.clone(), Duration::from_secs(1));
+        let err = Journal::open(settings, BTreeMap::new(), UploadSettings::default()).err().unwrap();
+        assert!(err.to_string().contains("in use by another datanet process"), "{err}");
+        drop(first);
+        let settings = JournalSettings::new(fixture.journal_dir.clone(), Duration::from_secs(1));
+        assert!(Journal::open(settings, BTreeMap::new(), UploadSettings::default()).is_ok());
     }
 
     #[test]
