@@ -116,6 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             run_job(&load()?, spec, detach).await
         }
         Command::Status { id, json } => {
+            exit_quietly_on_closed_stdout();
             let jobwrap = load()?;
             let records = match id {
                 Some(id) => vec![jobwrap.ledger.find(&id)?],
@@ -131,6 +132,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::List => {
+            exit_quietly_on_closed_stdout();
             let jobwrap = load()?;
             println!("{:<24} {:>8} {:<8} {:<10} {:<13} SCRIPT", "ID", "SLURM", "CLUSTER", "PHASE", "STATE");
             for record in jobwrap.ledger.list()? {
@@ -158,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Resume { id } => resume(&load()?, id).await,
         Command::Clusters => {
+            exit_quietly_on_closed_stdout();
             let config = Config::load(&config_path).map_err(JobError::from)?;
             let clusters: Vec<_> = config.clusters.values().cloned().collect();
             println!("{:<12} {:>11} {:>19} {:>8}", "CLUSTER", "IDLE/CPUS", "IDLE/MEMORY (MiB)", "PENDING");
@@ -280,6 +283,18 @@ async fn resume(jobwrap: &Jobwrap, id: Option<String>) -> anyhow::Result<ExitCod
         drop(lock);
     }
     Ok(if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+}
+
+/// Restores the default SIGPIPE action for commands that only print, so that
+/// `jobwrap list | head` ends quietly like other Unix tools instead of panicking in
+/// `println!`. Commands that drive jobs keep Rust's default (SIGPIPE ignored), because
+/// a closed terminal must not kill a job's stage-out.
+fn exit_quietly_on_closed_stdout() {
+    // SAFETY: called before any thread writes to stdout; setting a signal disposition
+    // to SIG_DFL has no other preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn print_status(record: &JobRecord) {

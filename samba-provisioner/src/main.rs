@@ -169,6 +169,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("revoked lease {} (account {})", lease.id, lease.account);
         }
         Command::List { json } => {
+            exit_quietly_on_closed_stdout();
             let leases = open_provisioner(cli.config.as_deref())?.list()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&leases)?);
@@ -347,4 +348,14 @@ fn serve(config_path: Option<&Path>, listen: SocketAddr, gc_interval: Duration) 
             .await?;
         Ok(())
     })
+}
+
+/// Restores the default SIGPIPE action for `list`, so that `samba-provisioner list | head`
+/// ends quietly instead of panicking in `println!`.
+fn exit_quietly_on_closed_stdout() {
+    // SAFETY: called before any thread writes to stdout; setting a signal disposition
+    // to SIG_DFL has no other preconditions.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
