@@ -164,7 +164,7 @@ pub struct SambaConfig {
     /// Lease directories must be below one of these (after canonicalization).
     pub allowed_roots: Vec<PathBuf>,
     pub state_dir: PathBuf,
-    /// Symmetric key that encrypts tokens (32 bytes, hex or raw, in a 0600 file).
+    /// Symmetric key that encrypts tokens: 64 hex characters (32 bytes) in a 0600 file.
     pub token_key: SecretSource,
     /// Unix user that file I/O on shares runs as (`force user`).
     pub force_user: Option<String>,
