@@ -26,11 +26,10 @@ const MAX_SPACE_NAME_BYTES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read configuration file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    // The I/O error is part of the message and deliberately not a `#[source]`, so that
+    // `{:#}` chains in the binaries do not print it twice.
+    #[error("cannot read configuration file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
 
     #[error("invalid configuration file {path}: {message}")]
     Syntax { path: PathBuf, message: String },
@@ -283,9 +282,9 @@ impl Config {
 
     /// Reads and validates the configuration at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         Self::parse(&text, path)
     }
@@ -505,6 +504,12 @@ fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
         key: key.to_string(),
         reason: format!("cannot read {}: {err}", path.display()),
     })?;
+    if !metadata.is_file() {
+        return Err(ConfigError::Secret {
+            key: key.to_string(),
+            reason: format!("{} is not a regular file; point the key at the file that holds the secret", path.display()),
+        });
+    }
     if metadata.mode() & 0o077 != 0 {
         return Err(ConfigError::Secret {
             key: key.to_string(),
@@ -531,29 +536,33 @@ fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
 }
 
 /// Parses a space URL: `s3://bucket[/prefix]`, `file:///absolute/path` or `memory://`.
+///
+/// The prefix of an `s3://` URL is taken as raw key text, as the AWS CLI does: it is not
+/// percent-decoded, and `#`, `?` or `%` in it are part of the key, never a URL fragment or
+/// query. A `file://` URL is a real URL: percent escapes are decoded, and a query or
+/// fragment is rejected.
 pub fn parse_space_url(key: &str, text: &str) -> Result<SpaceLocation, ConfigError> {
     let hint = "write s3://BUCKET[/PREFIX] or file:///ABSOLUTE/PATH";
-    let url = Url::parse(text).map_err(|err| ConfigError::invalid(key, text, format!("{err}; {hint}")))?;
+    if text.chars().any(|c| c.is_control()) {
+        return Err(ConfigError::invalid(key, text.escape_debug(), "the URL contains a control character"));
+    }
 
+    if let Some(rest) = text.strip_prefix("s3://") {
+        return parse_s3_url(key, text, rest);
+    }
+
+    let url = Url::parse(text).map_err(|err| ConfigError::invalid(key, text, format!("{err}; {hint}")))?;
     match url.scheme() {
-        "s3" => {
-            let bucket = url.host_str().unwrap_or("").to_string();
-            if !valid_bucket_name(&bucket) {
-                return Err(ConfigError::invalid(
-                    key,
-                    text,
-                    "bucket names have 3 to 63 characters: lowercase letters, digits, '.' and '-'",
-                ));
-            }
-            let prefix = url.path().trim_matches('/').to_string();
-            if prefix.split('/').any(|segment| segment.is_empty() || segment == "." || segment == "..") && !prefix.is_empty() {
-                return Err(ConfigError::invalid(key, text, "the prefix has an empty, '.' or '..' segment"));
-            }
-            Ok(SpaceLocation::S3 { bucket, prefix })
-        }
         "file" => {
             if url.host_str().is_some_and(|h| !h.is_empty()) {
                 return Err(ConfigError::invalid(key, text, "file URLs have three slashes: file:///path"));
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(ConfigError::invalid(
+                    key,
+                    text,
+                    "a file URL cannot have '?' or '#'; write them percent-encoded as %3F and %23",
+                ));
             }
             let root = url
                 .to_file_path()
@@ -563,6 +572,43 @@ pub fn parse_space_url(key: &str, text: &str) -> Result<SpaceLocation, ConfigErr
         "memory" => Ok(SpaceLocation::Memory),
         other => Err(ConfigError::invalid(key, text, format!("unsupported scheme {other:?}; {hint}"))),
     }
+}
+
+fn parse_s3_url(key: &str, text: &str, rest: &str) -> Result<SpaceLocation, ConfigError> {
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.contains('@') {
+        return Err(ConfigError::invalid(
+            key,
+            "s3://<credentials hidden>@...",
+            "credentials do not belong in the URL; use access_key_id and secret_access_key_file",
+        ));
+    }
+    if !valid_bucket_name(bucket) {
+        return Err(ConfigError::invalid(
+            key,
+            text,
+            "bucket names have 3 to 63 characters: lowercase letters, digits, '.' and '-'",
+        ));
+    }
+
+    let prefix = prefix.strip_suffix('/').unwrap_or(prefix);
+    if !prefix.is_empty() {
+        let bad_segment = prefix
+            .split('/')
+            .find(|segment| segment.is_empty() || *segment == "." || *segment == "..");
+        if let Some(segment) = bad_segment {
+            return Err(ConfigError::invalid(
+                key,
+                text,
+                format!("the prefix has the segment {segment:?}; remove empty, '.' and '..' segments"),
+            ));
+        }
+    }
+
+    Ok(SpaceLocation::S3 {
+        bucket: bucket.to_string(),
+        prefix: prefix.to_string(),
+    })
 }
 
 fn valid_bucket_name(name: &str) -> bool {
@@ -687,6 +733,13 @@ fn validate_jobwrap(raw: RawJobwrap) -> Result<JobwrapConfig, ConfigError> {
         Some(text) => parse_duration("jobwrap.poll_interval", text)?,
         None => Duration::from_secs(2),
     };
+    if poll_interval < Duration::from_millis(100) {
+        return Err(ConfigError::invalid(
+            "jobwrap.poll_interval",
+            raw.poll_interval.unwrap_or_default(),
+            "use at least \"100ms\"; shorter intervals load slurmctld with back-to-back queries",
+        ));
+    }
 
     Ok(JobwrapConfig {
         state_dir,
@@ -736,6 +789,13 @@ fn validate_samba(raw: RawSamba) -> Result<SambaConfig, ConfigError> {
         Some(text) => parse_duration("samba.max_ttl", text)?,
         None => Duration::from_secs(7 * 24 * 3600),
     };
+    if max_ttl < Duration::from_secs(60) {
+        return Err(ConfigError::invalid(
+            "samba.max_ttl",
+            raw.max_ttl.unwrap_or_default(),
+            "use at least \"1m\"; every grant's TTL must fit below it",
+        ));
+    }
     let account_prefix = raw.account_prefix.unwrap_or_else(|| "dnl".to_string());
     let prefix_ok = (1..=8).contains(&account_prefix.len())
         && account_prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
@@ -835,6 +895,72 @@ mod tests {
         assert!(err.contains("spaces.x.url"), "{err}");
         assert!(err.contains("ftp://host/p"), "{err}");
         assert!(err.contains("s3://"), "{err}");
+    }
+
+    #[test]
+    fn s3_prefix_is_raw_key_text() {
+        for (url, prefix) in [
+            ("s3://bucket/my dir", "my dir"),
+            ("s3://bucket/a#b", "a#b"),
+            ("s3://bucket/p%20q/", "p%20q"),
+            ("s3://bucket/x?y=1", "x?y=1"),
+        ] {
+            let loc = parse_space_url("k", url).unwrap();
+            assert_eq!(loc, SpaceLocation::S3 { bucket: "bucket".into(), prefix: prefix.into() }, "{url}");
+        }
+    }
+
+    #[test]
+    fn s3_prefix_dot_segments_rejected() {
+        for url in ["s3://bucket/a/../x", "s3://bucket/a/./x", "s3://bucket/a//x", "s3://bucket//x"] {
+            let err = parse_space_url("k", url).unwrap_err().to_string();
+            assert!(err.contains("segment"), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn s3_url_with_credentials_rejected_without_echo() {
+        let err = parse_space_url("k", "s3://user:pw@bucket/x").unwrap_err().to_string();
+        assert!(err.contains("secret_access_key_file"), "{err}");
+        assert!(!err.contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn s3_bucket_with_query_rejected() {
+        let err = parse_space_url("k", "s3://bucket?x=1").unwrap_err().to_string();
+        assert!(err.contains("bucket names"), "{err}");
+    }
+
+    #[test]
+    fn file_url_fragment_rejected() {
+        let err = parse_space_url("k", "file:///srv/a#b").unwrap_err().to_string();
+        assert!(err.contains("%23"), "{err}");
+        let loc = parse_space_url("k", "file:///srv/a%23b").unwrap();
+        assert_eq!(loc, SpaceLocation::Local { root: "/srv/a#b".into() });
+    }
+
+    #[test]
+    fn short_intervals_rejected() {
+        let err = parse("[jobwrap]\npoll_interval = \"0\"\n").unwrap_err().to_string();
+        assert!(err.contains("jobwrap.poll_interval"), "{err}");
+        let text = "[samba]\nsmb_conf = \"/etc/smb.conf\"\nallowed_roots = [\"/d\"]\n\
+                    token_key_env = \"K\"\nmax_ttl = \"0\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("samba.max_ttl"), "{err}");
+    }
+
+    #[test]
+    fn missing_config_names_os_error_once() {
+        let err = Config::load(Path::new("/nonexistent/datanet.toml")).unwrap_err();
+        let chained = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(chained.matches("No such file").count(), 1, "{chained}");
+    }
+
+    #[test]
+    fn secret_path_directory_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = SecretSource::File(dir.path().to_path_buf()).read("k").unwrap_err().to_string();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use async_trait::async_trait;
 use object_store::aws::{AmazonS3Builder, AwsCredential};
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
+use object_store::path::Path as ObjectPath;
 use object_store::prefix::PrefixStore;
 use object_store::{CredentialProvider, ObjectStore, RetryConfig};
 
@@ -25,11 +26,13 @@ pub enum StoreError {
     #[error(transparent)]
     Config(#[from] ConfigError),
 
-    #[error("cannot open space {space:?} ({url}): {source}")]
+    // The store error is part of the message and deliberately not a `#[source]`, so that
+    // `{:#}` chains in the binaries do not print it twice.
+    #[error("cannot open space {space:?} ({url}): {error}")]
     Open {
         space: String,
         url: String,
-        source: object_store::Error,
+        error: object_store::Error,
     },
 }
 
@@ -43,10 +46,10 @@ pub struct Space {
 
 /// Opens the object store behind `space`. Nothing is sent over the network yet.
 pub fn open_space(space: &SpaceConfig) -> Result<Space, StoreError> {
-    let open_error = |source| StoreError::Open {
+    let open_error = |error| StoreError::Open {
         space: space.name.clone(),
         url: space.url.clone(),
-        source,
+        error,
     };
 
     let store: Arc<dyn ObjectStore> = match &space.location {
@@ -69,7 +72,7 @@ pub fn open_space(space: &SpaceConfig) -> Result<Space, StoreError> {
                 )));
             }
             let s3 = builder.build().map_err(open_error)?;
-            with_prefix(Arc::new(s3), prefix)
+            with_prefix(Arc::new(s3), prefix).map_err(open_error)?
         }
         SpaceLocation::Local { root } => {
             let local = LocalFileSystem::new_with_prefix(root)
@@ -86,12 +89,15 @@ pub fn open_space(space: &SpaceConfig) -> Result<Space, StoreError> {
     })
 }
 
-fn with_prefix(store: Arc<dyn ObjectStore>, prefix: &str) -> Arc<dyn ObjectStore> {
+/// Wraps `store` so that paths are relative to `prefix`. The prefix is raw key text and
+/// is kept byte for byte: `Path::parse` validates it without percent-encoding `#` or `%`,
+/// as the `From<&str>` conversion would.
+fn with_prefix(store: Arc<dyn ObjectStore>, prefix: &str) -> object_store::Result<Arc<dyn ObjectStore>> {
     if prefix.is_empty() {
-        store
-    } else {
-        Arc::new(PrefixStore::new(store, prefix))
+        return Ok(store);
     }
+    let prefix = ObjectPath::parse(prefix).map_err(object_store::Error::from)?;
+    Ok(Arc::new(PrefixStore::new(store, prefix)))
 }
 
 /// Retries for throttling (503 SlowDown), 5xx answers and timeouts. Requests that still
@@ -173,7 +179,7 @@ impl CredentialProvider for SourceCredentialProvider {
 mod tests {
     use super::*;
     use crate::config::Config;
-    use object_store::path::Path as ObjectPath;
+    use futures::StreamExt;
     use object_store::{ObjectStoreExt, PutPayload};
 
     #[tokio::test]
@@ -188,6 +194,20 @@ mod tests {
         let bytes = space.store.get(&path).await.unwrap().bytes().await.unwrap();
         assert_eq!(&bytes[..], b"hello");
         assert!(dir.path().join("a b").join("c+d.txt").exists());
+    }
+
+    #[tokio::test]
+    async fn s3_prefix_kept_byte_for_byte() {
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let store = with_prefix(Arc::clone(&inner), "my dir/a#b%20").unwrap();
+        store.put(&ObjectPath::from("f.txt"), PutPayload::from_static(b"x")).await.unwrap();
+
+        let keys: Vec<String> = inner
+            .list(None)
+            .map(|meta| meta.unwrap().location.to_string())
+            .collect()
+            .await;
+        assert_eq!(keys, vec!["my dir/a#b%20/f.txt".to_string()]);
     }
 
     #[test]
