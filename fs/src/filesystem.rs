@@ -33,6 +33,9 @@ use crate::write::Writer;
 /// HEAD requests in flight at once when reading the POSIX metadata of a listing.
 const META_HEAD_CONCURRENCY: usize = 16;
 
+/// Minimum time between two background HEADs of the same key after listings.
+const META_HEAD_REPEAT: Duration = Duration::from_secs(30);
+
 /// Listings with more files than this get no metadata read-ahead.
 const META_HEAD_MAX_FILES: usize = 20_000;
 
@@ -412,6 +415,7 @@ impl DatanetFs {
         if let Some(listing) = self.meta.listing(space, dir) {
             return Ok(listing);
         }
+        let requested_at = std::time::Instant::now();
         let mut entries = namespace::list_dir(&self.spaces[space], dir).await?;
         let mut unknown = Vec::new();
         for entry in entries.iter_mut() {
@@ -419,11 +423,12 @@ impl DatanetFs {
             let key = child_key(dir, &entry.name);
             match self.meta.known_meta(space, &key, stat) {
                 Some(meta) => stat.meta = Some(meta),
-                None => unknown.push(key),
+                None if !self.meta.recently_headed(space, &key, META_HEAD_REPEAT) => unknown.push(key),
+                None => {}
             }
         }
         let listing = Arc::new(entries);
-        self.meta.insert_listing(space, dir, Arc::clone(&listing));
+        let listing = self.meta.insert_listing_at(space, dir, listing, requested_at);
         if !unknown.is_empty() && unknown.len() <= META_HEAD_MAX_FILES {
             tokio::spawn(read_listed_meta(Arc::clone(&self.spaces[space]), self.meta.clone(), space, unknown));
         }

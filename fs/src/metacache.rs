@@ -5,6 +5,7 @@
 //! inserted only after the store said "not found" (never after a throttled or failed
 //! request), and changes made through this mount update or drop the entries they touch.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,6 +19,10 @@ const MAX_ENTRIES: u64 = 1_000_000;
 
 /// Upper bound of directory entries held by cached listings.
 const MAX_LISTED_ENTRIES: u64 = 2_000_000;
+
+/// Minimum time a change made through this mount is replayed onto listings that the
+/// store returns; twice the TTL when that is longer.
+const LOCAL_CHANGE_MEMORY: Duration = Duration::from_secs(10);
 
 /// How long a directory counts as recently listed after its last listing.
 const RECENT_LISTING_TTL: Duration = Duration::from_secs(60);
@@ -83,6 +88,7 @@ type CacheKey = (usize, String);
 /// POSIX metadata of one object version, identified by ETag and last-modified time.
 #[derive(Debug, Clone)]
 struct KnownMeta {
+    remembered_at: Instant,
     etag: Option<String>,
     last_modified: SystemTime,
     meta: Arc<PosixMeta>,
@@ -101,6 +107,30 @@ pub struct MetaCache {
     posix: Cache<CacheKey, KnownMeta>,
     /// Entry counts of directories listed in the last [`RECENT_LISTING_TTL`].
     recent_listings: Cache<CacheKey, usize>,
+    /// Directory entries changed through this mount, per directory, so that a listing
+    /// whose request started before a change completed still shows it. The lock also
+    /// makes each listing patch atomic.
+    local_changes: Arc<std::sync::Mutex<HashMap<CacheKey, Vec<LocalChange>>>>,
+}
+
+/// One directory entry added, replaced or removed through this mount.
+#[derive(Debug, Clone)]
+struct LocalChange {
+    at: Instant,
+    name: String,
+    entry: Option<DirEntry>,
+}
+
+/// Adds, replaces (`Some`) or removes (`None`) `name` in a sorted listing.
+fn apply_change(entries: &mut Vec<DirEntry>, name: &str, entry: Option<DirEntry>) {
+    match (entries.binary_search_by(|e| e.name.as_str().cmp(name)), entry) {
+        (Ok(index), Some(entry)) => entries[index] = entry,
+        (Ok(index), None) => {
+            entries.remove(index);
+        }
+        (Err(index), Some(entry)) => entries.insert(index, entry),
+        (Err(_), None) => {}
+    }
 }
 
 impl MetaCache {
@@ -114,6 +144,7 @@ impl MetaCache {
                 ttl,
                 posix,
                 recent_listings,
+                local_changes: Arc::default(),
             };
         }
         let entries = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(ttl).build();
@@ -128,6 +159,7 @@ impl MetaCache {
             ttl,
             posix,
             recent_listings,
+            local_changes: Arc::default(),
         }
     }
 
@@ -136,6 +168,7 @@ impl MetaCache {
     pub fn remember_meta(&self, space: usize, key: &str, stat: &FileStat) {
         if let Some(meta) = &stat.meta {
             let known = KnownMeta {
+                remembered_at: Instant::now(),
                 etag: stat.etag.clone(),
                 last_modified: stat.mtime,
                 meta: Arc::clone(meta),
@@ -154,7 +187,16 @@ impl MetaCache {
     /// same version decoded it before.
     pub fn known_meta(&self, space: usize, key: &str, stat: &FileStat) -> Option<Arc<PosixMeta>> {
         let known = self.posix.get(&(space, key.to_string()))?;
-        (known.etag == stat.etag && known.last_modified == stat.mtime).then_some(known.meta)
+        let same_version = known.etag == stat.etag && known.last_modified == stat.mtime;
+        same_version.then_some(known.meta)
+    }
+
+    /// True when a HEAD of `key` was remembered within the last `within`, whatever
+    /// version it saw; used to avoid sending the same HEADs after every re-listing.
+    pub fn recently_headed(&self, space: usize, key: &str, within: Duration) -> bool {
+        self.posix
+            .get(&(space, key.to_string()))
+            .is_some_and(|known| known.remembered_at.elapsed() < within)
     }
 
     pub fn entry(&self, space: usize, key: &str) -> Option<Entry> {
@@ -181,6 +223,29 @@ impl MetaCache {
     /// Stores a listing and the attributes of its entries, so that the lookups and
     /// `stat` calls that usually follow a readdir need no request.
     pub fn insert_listing(&self, space: usize, dir: &str, listing: Listing) {
+        self.insert_listing_at(space, dir, listing, Instant::now());
+    }
+
+    /// Stores a listing whose request started at `requested_at`, after replaying the
+    /// changes this mount made since then; returns the listing as stored.
+    pub fn insert_listing_at(&self, space: usize, dir: &str, listing: Listing, requested_at: Instant) -> Listing {
+        let mut changes = self.local_changes.lock().unwrap_or_else(|e| e.into_inner());
+        let listing = match changes.get(&(space, dir.to_string())) {
+            Some(recent) if recent.iter().any(|change| change.at >= requested_at) => {
+                let mut entries = listing.as_ref().clone();
+                for change in recent.iter().filter(|change| change.at >= requested_at) {
+                    apply_change(&mut entries, &change.name, change.entry.clone());
+                }
+                Arc::new(entries)
+            }
+            _ => listing,
+        };
+        let memory = LOCAL_CHANGE_MEMORY.max(self.ttl * 2);
+        changes.retain(|_, recent| {
+            recent.retain(|change| change.at.elapsed() < memory);
+            !recent.is_empty()
+        });
+
         if let Some(entries) = &self.entries {
             for item in listing.iter() {
                 let key = crate::name::child_key(dir, &item.name);
@@ -189,13 +254,21 @@ impl MetaCache {
                     (Kind::Dir, _) => Entry::Dir,
                     _ => continue,
                 };
+                // A listing carries no metadata: keep a cached entry of the same version
+                // that has it (it may say that the object is a symlink).
+                if let (Entry::File(listed), Some(Entry::File(cached))) = (&entry, entries.get(&(space, key.clone()))) {
+                    if listed.meta.is_none() && cached.meta.is_some() && cached.etag == listed.etag {
+                        continue;
+                    }
+                }
                 entries.insert((space, key), entry);
             }
         }
         if let Some(listings) = &self.listings {
             self.recent_listings.insert((space, dir.to_string()), listing.len());
-            listings.insert((space, dir.to_string()), (Instant::now(), listing));
+            listings.insert((space, dir.to_string()), (Instant::now(), Arc::clone(&listing)));
         }
+        listing
     }
 
     /// Adds, replaces (`Some`) or removes (`None`) the entry `name` of a cached listing
@@ -204,19 +277,19 @@ impl MetaCache {
     pub fn patch_listing(&self, space: usize, dir: &str, name: &str, entry: Option<DirEntry>) {
         let Some(listings) = &self.listings else { return };
         let key = (space, dir.to_string());
+        let mut changes = self.local_changes.lock().unwrap_or_else(|e| e.into_inner());
+        changes.entry(key.clone()).or_default().push(LocalChange {
+            at: Instant::now(),
+            name: name.to_string(),
+            entry: entry.clone(),
+        });
+
         let Some((listed_at, listing)) = listings.get(&key) else { return };
         if listed_at.elapsed() >= self.ttl {
             return;
         }
         let mut entries: Vec<DirEntry> = listing.as_ref().clone();
-        match (entries.binary_search_by(|e| e.name.as_str().cmp(name)), entry) {
-            (Ok(index), Some(entry)) => entries[index] = entry,
-            (Ok(index), None) => {
-                entries.remove(index);
-            }
-            (Err(index), Some(entry)) => entries.insert(index, entry),
-            (Err(_), None) => {}
-        }
+        apply_change(&mut entries, name, entry);
         listings.insert(key, (listed_at, Arc::new(entries)));
     }
 
@@ -305,6 +378,21 @@ mod tests {
         cache.patch_listing(0, "d", "e", Some(dir_entry("e")));
         std::thread::sleep(Duration::from_millis(150));
         assert!(cache.listing(0, "d").is_none(), "a patch does not extend the listing's life");
+    }
+
+    #[test]
+    fn store_listing_gets_later_local_changes() {
+        let cache = MetaCache::new(Duration::from_secs(60));
+        let dir_entry = |name: &str| DirEntry { name: name.into(), kind: Kind::Dir, stat: None };
+        let requested_at = Instant::now();
+        cache.patch_listing(0, "d", "new", Some(dir_entry("new")));
+        cache.patch_listing(0, "d", "gone", None);
+        let from_store = Arc::new(vec![dir_entry("gone"), dir_entry("old")]);
+        let stored = cache.insert_listing_at(0, "d", from_store, requested_at);
+        let names: Vec<&str> = stored.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, vec!["new", "old"]);
+        let later = cache.insert_listing_at(0, "d", Arc::new(vec![dir_entry("x")]), Instant::now());
+        assert_eq!(later.len(), 1, "changes older than the request are not replayed");
     }
 
     #[test]
