@@ -285,7 +285,7 @@ impl Jobwrap {
         let owner = Self::owner(record);
         for file in record.inputs.iter_mut().filter(|file| file.done) {
             let present = std::fs::metadata(record.workdir.join(&file.destination))
-                .map(|meta| meta.len() == file.size_bytes)
+                .map(|meta| if file.directory { meta.is_dir() } else { meta.is_file() && meta.len() == file.size_bytes })
                 .unwrap_or(false);
             file.done = present;
         }
@@ -309,7 +309,7 @@ impl Jobwrap {
                     Ok((sha256, verified)) => {
                         let file = &mut record.inputs[done.index];
                         file.done = true;
-                        file.sha256 = Some(sha256);
+                        file.sha256 = (!file.directory).then_some(sha256);
                         file.verified = Some(verified);
                         fault::kill_point("stage-in");
                     }
@@ -685,7 +685,13 @@ async fn probe_outputs(spaces: &Spaces, spec: &JobSpec, id: &str) -> Vec<String>
             problems.push(format!("output location {location} is in read-only space {:?}", location.space));
             continue;
         }
-        let probe = location.join(&format!(".jobwrap-probe-{id}")).object_path();
+        let probe = match location.join(&format!(".jobwrap-probe-{id}")).object_path() {
+            Ok(probe) => probe,
+            Err(err) => {
+                problems.push(format!("output location {location} is not usable: {err}"));
+                continue;
+            }
+        };
         let result = match space.store.put(&probe, PutPayload::from_static(b"jobwrap write probe\n")).await {
             Ok(_) => space.store.delete(&probe).await,
             Err(err) => Err(err),

@@ -33,6 +33,10 @@ pub struct InputFile {
     pub sha256: Option<String>,
     /// Checks that passed: `size`, or `size+md5` when the ETag is an MD5.
     pub verified: Option<String>,
+    /// True for a directory marker (a zero-byte `dir/` object): stage-in creates an
+    /// empty directory at `destination` instead of downloading anything.
+    #[serde(default)]
+    pub directory: bool,
 }
 
 /// One file copied out of the working directory.

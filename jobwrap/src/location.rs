@@ -34,11 +34,15 @@ impl SpaceLocation {
         datanet::config::validate_space_name(space)
             .map_err(|err| SpecError::invalid(what, text, err.to_string()))?;
         check_relative(path, true).map_err(|reason| SpecError::invalid(what, text, reason))?;
-
-        Ok(SpaceLocation {
+        let location = SpaceLocation {
             space: space.to_string(),
             path: path.to_string(),
-        })
+        };
+        if location.path.chars().any(|c| c.is_ascii_control()) {
+            return Err(SpecError::invalid(what, text, "a path may not contain control characters"));
+        }
+        location.object_path().map_err(|reason| SpecError::invalid(what, text, reason))?;
+        Ok(location)
     }
 
     /// True when the location names a prefix rather than one object.
@@ -46,9 +50,11 @@ impl SpaceLocation {
         self.path.is_empty() || self.path.ends_with('/')
     }
 
-    /// The object path with any trailing `/` removed, as `object_store` expects it.
-    pub fn object_path(&self) -> object_store::path::Path {
-        object_store::path::Path::from(self.path.trim_end_matches('/'))
+    /// The object path with any trailing `/` removed, as `object_store` expects it. The
+    /// key is kept byte for byte (no percent-encoding), as the datanet mount stores it.
+    pub fn object_path(&self) -> Result<object_store::path::Path, String> {
+        datanet::namespace::object_path(self.path.trim_end_matches('/'))
+            .map_err(|err| format!("{self}: {err}"))
     }
 
     /// The location of `relative` below this prefix.
@@ -125,6 +131,17 @@ mod tests {
             assert!(err.contains("stage-in source"), "{err}");
             assert!(err.contains(bad), "{err}");
         }
+    }
+
+    #[test]
+    fn object_path_keeps_keys_byte_for_byte() {
+        for key in ["u/hash#1.txt", "pct%20.txt", "p%41.txt", "a b+c.txt", "q\"'*?\\<>|.txt", "é/ü ß.txt"] {
+            let location = SpaceLocation::parse(&format!("models:{key}"), "input").unwrap();
+            assert_eq!(location.object_path().unwrap().as_ref(), key);
+        }
+        let prefix = SpaceLocation::parse("models:dir #1/", "input").unwrap();
+        assert_eq!(prefix.object_path().unwrap().as_ref(), "dir #1");
+        assert!(SpaceLocation::parse("models:tab\there", "input").is_err());
     }
 
     #[test]

@@ -92,7 +92,7 @@ pub async fn plan(spaces: &Spaces, inputs: &[StageIn]) -> Result<Vec<InputFile>,
     }
 
     let mut seen = BTreeSet::new();
-    for file in &files {
+    for file in files.iter().filter(|file| !file.directory) {
         if !seen.insert(file.destination.as_str()) {
             problems.push(format!(
                 "two inputs are staged to the same path {:?}; give one of them another --to",
@@ -110,7 +110,7 @@ pub async fn plan(spaces: &Spaces, inputs: &[StageIn]) -> Result<Vec<InputFile>,
 async fn plan_one(space: &Space, input: &StageIn) -> Result<Vec<InputFile>, String> {
     let source = &input.source;
     if !source.is_prefix() {
-        match space.store.head(&source.object_path()).await {
+        match space.store.head(&source.object_path()?).await {
             Ok(meta) => {
                 return Ok(vec![InputFile {
                     source: source.clone(),
@@ -120,6 +120,7 @@ async fn plan_one(space: &Space, input: &StageIn) -> Result<Vec<InputFile>, Stri
                     done: false,
                     sha256: None,
                     verified: None,
+                    directory: false,
                 }])
             }
             Err(object_store::Error::NotFound { .. }) => {}
@@ -127,7 +128,7 @@ async fn plan_one(space: &Space, input: &StageIn) -> Result<Vec<InputFile>, Stri
         }
     }
 
-    let prefix = source.object_path();
+    let prefix = source.object_path()?;
     let list_prefix = (!source.path.is_empty()).then_some(&prefix);
     let objects: Vec<_> = space
         .store
@@ -140,24 +141,37 @@ async fn plan_one(space: &Space, input: &StageIn) -> Result<Vec<InputFile>, Stri
     for meta in objects {
         let key = meta.location.as_ref();
         let relative = if source.path.is_empty() {
-            key
+            Some(key)
+        } else if key == prefix.as_ref() {
+            Some("")
         } else {
-            key.strip_prefix(prefix.as_ref()).and_then(|rest| rest.strip_prefix('/')).unwrap_or(key)
+            key.strip_prefix(prefix.as_ref()).and_then(|rest| rest.strip_prefix('/'))
         };
-        if relative.is_empty() || key.ends_with('/') {
+        let Some(relative) = relative else {
+            // A listing by prefix also returns keys that merely start with the same
+            // characters (`big2` for the prefix `big`); they are not below it.
+            continue;
+        };
+        let directory = meta.size == 0 && is_marker(space, &meta.location, relative.is_empty() && !source.is_prefix()).await?;
+        if relative.is_empty() && !directory {
             continue;
         }
+        let destination = match (relative.is_empty(), input.destination.as_str()) {
+            (true, destination) => destination.trim_end_matches('/').to_string(),
+            (false, destination) => format!("{}/{relative}", destination.trim_end_matches('/')),
+        };
         files.push(InputFile {
             source: SpaceLocation {
                 space: source.space.clone(),
                 path: key.to_string(),
             },
-            destination: format!("{}/{}", input.destination, relative),
+            destination,
             size_bytes: meta.size,
             e_tag: meta.e_tag,
             done: false,
             sha256: None,
             verified: None,
+            directory,
         });
     }
     if files.is_empty() {
@@ -167,6 +181,21 @@ async fn plan_one(space: &Space, input: &StageIn) -> Result<Vec<InputFile>, Stri
         ));
     }
     Ok(files)
+}
+
+/// True when the zero-byte object listed at `location` is a directory marker: its key is
+/// `location/`, so a HEAD of `location` itself finds nothing (`object_store` lists the
+/// marker `dir/` under the path `dir`). `known_absent` skips the HEAD when one already
+/// found nothing there.
+async fn is_marker(space: &Space, location: &object_store::path::Path, known_absent: bool) -> Result<bool, String> {
+    if known_absent {
+        return Ok(true);
+    }
+    match space.store.head(location).await {
+        Ok(_) => Ok(false),
+        Err(object_store::Error::NotFound { .. }) => Ok(true),
+        Err(err) => Err(format!("cannot read {location}: {err}")),
+    }
 }
 
 /// Result of one verified download.
@@ -238,6 +267,10 @@ async fn download_once(
     counted: &mut u64,
 ) -> Result<(String, String), String> {
     let relative = Path::new(&file.destination);
+    if file.directory {
+        workdir::create_dirs(workdir, relative, owner).map_err(|err| err.to_string())?;
+        return Ok((String::new(), "directory".into()));
+    }
     workdir::create_parents(workdir, relative, owner).map_err(|err| err.to_string())?;
     let target = workdir.join(relative);
     let file_name = relative.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -293,7 +326,7 @@ async fn download_stream(
     let options = GetOptions::new().with_if_match(file.e_tag.clone());
     let result = space
         .store
-        .get_opts(&file.source.object_path(), options)
+        .get_opts(&file.source.object_path()?, options)
         .await
         .map_err(|err| format!("cannot read {}: {err}", file.source))?;
     let mut stream = result.into_stream();
@@ -328,7 +361,7 @@ async fn download_ranged(
     progress: &Progress,
     counter: &AtomicU64,
 ) -> Result<(u64, Digests), String> {
-    let path = file.source.object_path();
+    let path = file.source.object_path()?;
     let ranges: Vec<std::ops::Range<u64>> = (0..file.size_bytes)
         .step_by(RANGE_PART_BYTES as usize)
         .map(|start| start..(start + RANGE_PART_BYTES).min(file.size_bytes))

@@ -156,7 +156,7 @@ async fn open_no_follow(path: &Path) -> Result<tokio::fs::File, String> {
 }
 
 async fn upload_once(space: &Space, output: &PlannedOutput) -> Result<(u64, String, String), String> {
-    let path = output.destination.object_path();
+    let path = output.destination.object_path()?;
     let mut file = open_no_follow(&output.path).await?;
     let size = file
         .metadata()

@@ -93,8 +93,14 @@ pub fn create(workdir: &Path, owner: Owner) -> Result<(), JobError> {
 /// the job's user. Refuses to pass through symlinks, which the job's user could plant.
 pub fn create_parents(workdir: &Path, relative: &Path, owner: Owner) -> Result<(), JobError> {
     let Some(parent) = relative.parent() else { return Ok(()) };
+    create_dirs(workdir, parent, owner)
+}
+
+/// Creates the directory `relative` and its parents inside the working directory, owned
+/// by the job's user; existing directories are kept.
+pub fn create_dirs(workdir: &Path, relative: &Path, owner: Owner) -> Result<(), JobError> {
     let mut current = workdir.to_path_buf();
-    for component in parent.components() {
+    for component in relative.components() {
         current.push(component);
         match fs::symlink_metadata(&current) {
             Ok(meta) if meta.is_dir() => continue,

@@ -155,7 +155,7 @@ impl Harness {
 
     pub fn delete(&self, space: &str, path: &str) {
         let store = self.store(space);
-        block_on(store.delete(&ObjectPath::from(path))).unwrap();
+        block_on(store.delete(&ObjectPath::parse(path).unwrap())).unwrap();
     }
 
     /// The `slurm.conf` of a cluster of this harness.
@@ -189,13 +189,22 @@ impl Harness {
 
     pub fn put(&self, space: &str, path: &str, bytes: &[u8]) {
         let store = self.store(space);
-        block_on(store.put(&ObjectPath::from(path), PutPayload::from(bytes.to_vec()))).unwrap();
+        block_on(store.put(&ObjectPath::parse(path).unwrap(), PutPayload::from(bytes.to_vec()))).unwrap();
+    }
+
+    /// Writes the zero-byte directory marker `dir_key/` the way the datanet mount's
+    /// `mkdir` does.
+    pub fn put_marker(&self, space: &str, dir_key: &str) {
+        let client = datanet::marker::MarkerClient::for_space(&self.config.spaces[space])
+            .unwrap()
+            .expect("directory markers exist only in S3 spaces");
+        block_on(client.put_marker(dir_key)).unwrap();
     }
 
     pub fn get(&self, space: &str, path: &str) -> Option<Vec<u8>> {
         let store = self.store(space);
         block_on(async {
-            match store.get(&ObjectPath::from(path)).await {
+            match store.get(&ObjectPath::parse(path).unwrap()).await {
                 Ok(result) => Some(result.bytes().await.unwrap().to_vec()),
                 Err(object_store::Error::NotFound { .. }) => None,
                 Err(err) => panic!("cannot read {space}:{path}: {err}"),
@@ -206,7 +215,7 @@ impl Harness {
     pub fn list(&self, space: &str, prefix: &str) -> Vec<String> {
         use futures::TryStreamExt;
         let store = self.store(space);
-        let prefix = ObjectPath::from(prefix);
+        let prefix = ObjectPath::parse(prefix).unwrap();
         let mut names: Vec<String> = block_on(store.list(Some(&prefix)).try_collect::<Vec<_>>())
             .unwrap()
             .into_iter()
