@@ -63,7 +63,7 @@ impl DataCache {
         if dir.exists() {
             std::fs::remove_dir_all(dir)?;
         }
-        std::fs::create_dir_all(dir)?;
+        crate::private_dir::create_dir(dir)?;
         Ok(DataCache {
             dir: dir.to_path_buf(),
             max_size_bytes,
@@ -140,7 +140,7 @@ impl DataCache {
 
         let path = self.dir.join(key.file_name());
         let staging = self.dir.join(format!(".{}.tmp", key.file_name()));
-        let written = std::fs::write(&staging, data).and_then(|()| std::fs::rename(&staging, &path));
+        let written = crate::private_dir::write_file(&staging, data).and_then(|()| std::fs::rename(&staging, &path));
         if let Err(err) = written {
             tracing::warn!(error = %err, dir = %self.dir.display(), "cannot write a cached block; continuing without it");
             let _ = std::fs::remove_file(&staging);

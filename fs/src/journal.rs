@@ -148,7 +148,7 @@ impl Journal {
         spaces: BTreeMap<String, JournalSpace>,
         upload: UploadSettings,
     ) -> Result<Arc<Journal>, JournalError> {
-        std::fs::create_dir_all(&settings.dir).map_err(io_error(&settings.dir))?;
+        crate::private_dir::create_dir(&settings.dir).map_err(io_error(&settings.dir))?;
         let lock = lock_dir(&settings.dir)?;
         let records = load_records(&settings.dir)?;
 
@@ -542,7 +542,7 @@ impl Journal {
         let temporary = self.settings.dir.join(format!("{}.json.tmp", record.id));
         let json = serde_json::to_vec(record).expect("records always serialize");
 
-        let mut file = File::create(&temporary).map_err(io_error(&temporary))?;
+        let mut file = crate::private_dir::create_file(&temporary).map_err(io_error(&temporary))?;
         file.write_all(&json).map_err(io_error(&temporary))?;
         file.sync_all().map_err(io_error(&temporary))?;
         std::fs::rename(&temporary, &path).map_err(io_error(&path))?;
@@ -571,7 +571,7 @@ fn lock_dir(dir: &Path) -> Result<File, JournalError> {
     use std::os::fd::AsRawFd;
 
     let path = dir.join(".lock");
-    let file = File::options().create(true).truncate(false).write(true).open(&path).map_err(io_error(&path))?;
+    let file = crate::private_dir::file_options().create(true).truncate(false).write(true).open(&path).map_err(io_error(&path))?;
     // SAFETY: flock(2) on a descriptor this function owns.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let err = std::io::Error::last_os_error();
@@ -593,7 +593,7 @@ fn store_data(source: &File, staging: &Path, data: &Path, len: u64, reuse_file: 
         return Ok(());
     }
 
-    let mut target = File::create(data)?;
+    let mut target = crate::private_dir::create_file(data)?;
     let mut reader = std::io::Read::take(ReadAtCursor { file: source, offset: 0 }, len);
     std::io::copy(&mut reader, &mut target)?;
     target.sync_all()

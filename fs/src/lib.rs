@@ -22,6 +22,8 @@ pub mod namespace;
 pub mod part_copy;
 pub mod posix_meta;
 pub mod prefetch;
+pub mod private_dir;
+pub mod sigv4;
 pub mod staging;
 pub mod store;
 pub mod upload;

@@ -2,6 +2,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -80,7 +81,8 @@ fn init_logging(log_file: Option<&Path>) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match log_file {
         Some(path) => {
-            let file = std::fs::OpenOptions::new()
+            // The log names paths and errors of every user of the mount: owner only.
+            let file = datanet::private_dir::file_options()
                 .create(true)
                 .append(true)
                 .open(path)
@@ -150,7 +152,11 @@ fn mount_command(
     // A daemon has no terminal: without --log-file, log next to the cache.
     let log_file = log_file.unwrap_or_else(|| config.cache.dir.join("datanet.log"));
     if let Some(dir) = log_file.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create log directory {}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(datanet::private_dir::DIR_MODE)
+            .create(dir)
+            .with_context(|| format!("cannot create log directory {}", dir.display()))?;
     }
     init_logging(Some(&log_file))?;
     let mut status_pipe = Some(std::fs::File::from(write_end));

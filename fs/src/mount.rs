@@ -29,6 +29,9 @@ pub enum MountError {
     #[error("mount point {path} is a stale FUSE mount whose daemon is gone: run `fusermount3 -u {path}` first")]
     StaleMount { path: PathBuf },
 
+    #[error("cannot make the cache directory {path} private (mode 0700): {source}; check its owner")]
+    CacheDir { path: PathBuf, source: std::io::Error },
+
     #[error("cannot start the filesystem: {0}")]
     Filesystem(String),
 
@@ -85,7 +88,10 @@ pub fn fuser_config(options: &MountOptions) -> fuser::Config {
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         MountOption::FSName("datanet".into()),
-        MountOption::Subtype("datanet".into()),
+        // fuser passes `Subtype` only to fusermount3, and its direct mount(2) as root uses
+        // type `fuse`. The kernel option gives type `fuse.datanet` on both paths, so
+        // `findmnt -t fuse.datanet` and `umount -t fuse.datanet` match.
+        MountOption::CUSTOM("subtype=datanet".into()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,
         MountOption::NoSuid,
@@ -129,6 +135,14 @@ pub fn run(
         .build()
         .map_err(MountError::Runtime)?;
 
+    // Content cached by an older version may be readable by other users: make it private
+    // before anything is served.
+    if let Err(source) = crate::private_dir::restrict_cache_dir(&config.cache.dir) {
+        let err = MountError::CacheDir { path: config.cache.dir.clone(), source };
+        ready(Err(err.to_string()));
+        return Err(err);
+    }
+
     let fs = {
         let _guard = runtime.enter();
         match DatanetFs::new(&config) {
@@ -138,7 +152,8 @@ pub fn run(
                 fs
             }
             Err(err) => {
-                let err = MountError::Filesystem(err.to_string());
+                // The errno is for the kernel; a startup message needs only the text.
+                let err = MountError::Filesystem(err.message);
                 ready(Err(err.to_string()));
                 return Err(err);
             }

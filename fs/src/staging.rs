@@ -13,7 +13,7 @@
 //! less than [`StagingSettings::min_free_bytes`] free, it fails with ENOSPC and changes
 //! nothing, so the file never holds a write that the application saw fail.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -159,7 +159,7 @@ impl Staging {
     /// file with no base counts as changed, so that closing it uploads an empty object.
     pub fn create(settings: &StagingSettings, base: Option<BaseObject>) -> Result<Staging, StagingError> {
         let io_error = |path: &Path, source| StagingError::Io { path: path.to_path_buf(), source };
-        std::fs::create_dir_all(&settings.dir).map_err(|e| io_error(&settings.dir, e))?;
+        crate::private_dir::create_dir(&settings.dir).map_err(|e| io_error(&settings.dir, e))?;
 
         let (file, path) = create_unique(&settings.dir).map_err(|e| io_error(&settings.dir, e))?;
         let size = base.as_ref().map_or(0, |b| b.size);
@@ -356,7 +356,7 @@ fn create_unique(dir: &Path) -> std::io::Result<(File, PathBuf)> {
     loop {
         let name = format!("{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
         let path = dir.join(name);
-        match OpenOptions::new().read(true).write(true).create_new(true).open(&path) {
+        match crate::private_dir::file_options().read(true).write(true).create_new(true).open(&path) {
             Ok(file) => return Ok((file, path)),
             // A file left by an earlier process with the same pid: pick the next name.
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
