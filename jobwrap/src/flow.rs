@@ -101,6 +101,17 @@ impl Jobwrap {
             None if self.config.clusters.len() <= 1 => Some(self.cluster(None)?.clone()),
             None => None,
         };
+        let candidates: Vec<&ClusterConfig> = match &pinned {
+            Some(cluster) => vec![cluster],
+            None => self.config.clusters.values().collect(),
+        };
+        let conf_problems: Vec<String> = candidates
+            .into_iter()
+            .filter_map(|cluster| crate::slurm::check_conf(cluster, &self.config.source).err())
+            .collect();
+        if !conf_problems.is_empty() {
+            return Err(JobError::Rejected(conf_problems));
+        }
         let spaces = self.spaces(&spec)?;
         let id = crate::ledger::new_job_id();
 
@@ -194,6 +205,10 @@ impl Jobwrap {
         let result = self.drive_phases(&mut record, detach).await;
 
         record.driver_pid = None;
+        if !self.ledger.contains(&record.id) {
+            // A job rejected before submission removed its own record.
+            return result.map(|()| record);
+        }
         if let Err(err) = &result {
             record.error = Some(err.to_string());
         }
@@ -237,12 +252,12 @@ impl Jobwrap {
 
         let slurm = self.slurm(record)?;
         if let Err(err) = slurm.test_only(&self.sbatch_args(record)) {
-            record.phase = Phase::Finished;
-            record.state = JobState::Failed;
-            record.error = Some(err.to_string());
-            let _ = workdir::remove(&record.workdir);
-            record.workdir_removed = true;
-            self.ledger.save(record)?;
+            // Nothing was submitted, so the job leaves no trace: no working directory
+            // and no ledger record.
+            if let Err(remove_err) = workdir::remove(&record.workdir) {
+                tracing::warn!(workdir = %record.workdir.display(), error = %remove_err, "cannot remove the working directory of a rejected job");
+            }
+            self.ledger.remove(&record.id)?;
             return Err(JobError::Rejected(vec![format!("sbatch rejected the job options: {err}")]));
         }
 

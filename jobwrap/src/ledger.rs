@@ -227,6 +227,26 @@ impl Ledger {
         Ok(records)
     }
 
+    /// True when the job has a record.
+    pub fn contains(&self, id: &str) -> bool {
+        self.record_path(id).exists()
+    }
+
+    /// Removes the record of a job that was never submitted, with its lock and cancel
+    /// files; missing files are not an error.
+    pub fn remove(&self, id: &str) -> Result<(), JobError> {
+        for path in [self.record_path(id), self.dir.join(format!("{id}.cancel")), self.dir.join(format!("{id}.lock"))] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(JobError::io("cannot remove job record", &path, err)),
+            }
+        }
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|err| JobError::io("cannot sync ledger directory", &self.dir, err))
+    }
+
     /// Takes the exclusive lock of a job without waiting.
     pub fn lock(&self, id: &str) -> Result<JobLock, JobError> {
         let path = self.dir.join(format!("{id}.lock"));

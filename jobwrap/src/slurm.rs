@@ -37,6 +37,23 @@ pub struct AccountingInfo {
     pub signal: Option<i32>,
 }
 
+/// Checks that a cluster's `slurm_conf` is a readable file. Without this check a
+/// missing file makes every Slurm command retry for about a minute before it fails.
+pub fn check_conf(cluster: &datanet::config::ClusterConfig, config_source: &std::path::Path) -> Result<(), String> {
+    let Some(conf) = &cluster.slurm_conf else { return Ok(()) };
+    let problem = match std::fs::File::open(conf).and_then(|file| file.metadata()) {
+        Ok(meta) if meta.is_file() => return Ok(()),
+        Ok(_) => "it is not a regular file".to_string(),
+        Err(err) => format!("cannot read it: {err}"),
+    };
+    Err(format!(
+        "clusters.{}.slurm_conf {}: {problem}; fix the path in {} or make the file readable",
+        cluster.name,
+        conf.display(),
+        config_source.display()
+    ))
+}
+
 impl Slurm {
     fn command(&self, program: &str) -> Command {
         let mut command = Command::new(program);

@@ -415,3 +415,41 @@ fn large_object_ranged_stage_in() {
     assert_eq!(record["inputs"][0]["verified"], "size+md5");
     assert_eq!(record["inputs"][0]["sha256"], expected.as_str());
 }
+
+/// A cluster whose `slurm_conf` is missing is rejected at once, naming the key and the
+/// path, and leaves no ledger record.
+#[test]
+fn missing_slurm_conf_rejected_without_record() {
+    let mut h = Harness::new("noconf");
+    let missing = h.dir.path().join("no such slurm.conf");
+    let mut value: toml::Table = std::fs::read_to_string(&h.config_path).unwrap().parse().unwrap();
+    value["clusters"]["a"].as_table_mut().unwrap().insert("slurm_conf".into(), missing.display().to_string().into());
+    std::fs::write(&h.config_path, toml::to_string(&value).unwrap()).unwrap();
+    h.config = datanet::Config::load(&h.config_path).unwrap();
+    let script = h.write_script("run.sh", &format!("#!/bin/bash\n#SBATCH -J {}\ntrue\n", h.name));
+
+    let started = std::time::Instant::now();
+    let output = h.run(&["sbatch", script.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(message.contains("clusters.a.slurm_conf"), "{message}");
+    assert!(message.contains(&missing.display().to_string()), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(30), "jobwrap waited for sbatch's retries");
+    assert!(h.records().is_empty(), "{:#?}", h.records());
+    assert!(h.workdirs().is_empty());
+}
+
+/// An option sbatch rejects leaves no ledger record and no working directory.
+#[test]
+fn rejected_sbatch_option_leaves_no_record() {
+    let h = Harness::new("bogus");
+    let script = h.write_script("run.sh", &format!("#!/bin/bash\n#SBATCH -J {}\ntrue\n", h.name));
+    let output = h.run(&["sbatch", "--bogus-option", script.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("bogus-option"), "{}", stderr(&output));
+    assert!(h.records().is_empty(), "{:#?}", h.records());
+    assert!(h.workdirs().is_empty());
+    let list = h.run(&["list"]);
+    assert_eq!(String::from_utf8_lossy(&list.stdout).lines().count(), 1, "only the header expected");
+    assert!(h.slurm_jobs().is_empty());
+}
