@@ -199,22 +199,17 @@ fn redirect_stdio_to_null() -> anyhow::Result<()> {
 
 fn check_command(config: Option<PathBuf>) -> anyhow::Result<()> {
     let config = load_config(config.as_deref())?;
+    datanet::check::require_spaces(&config).map_err(anyhow::Error::msg)?;
     println!("configuration {} is valid: {} space(s)", config.source.display(), config.spaces.len());
+    for warning in datanet::check::config_warnings(&config) {
+        println!("warning: {warning}");
+    }
 
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let reports = runtime.block_on(check_spaces(&config));
     let mut failed = 0;
     for report in &reports {
-        let reachable = match &report.reachable {
-            Ok(()) => "reachable".to_string(),
-            Err(reason) => format!("UNREACHABLE ({reason})"),
-        };
-        let writable = match &report.writable {
-            None => "read-only".to_string(),
-            Some(Ok(())) => "writable".to_string(),
-            Some(Err(reason)) => format!("NOT WRITABLE ({reason})"),
-        };
-        println!("{:<20} {:<40} {reachable}, {writable}", report.name, report.url);
+        println!("{:<20} {:<40} {}", report.name, report.url, report.summary());
         if !report.is_ok() {
             failed += 1;
         }
