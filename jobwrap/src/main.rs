@@ -185,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn spec_from_script(command: &jobwrap::sbatch_options::SbatchCommand) -> anyhow::Result<JobSpec> {
     let script_text = std::fs::read_to_string(&command.script)
         .with_context(|| format!("cannot read batch script {}", command.script.display()))?;
+    jobwrap::spec::check_line_endings(&command.script.display().to_string(), &script_text)?;
     let script_name = command
         .script
         .file_name()

@@ -104,6 +104,21 @@ pub fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?', '['])
 }
 
+/// Rejects a batch script with Windows (CRLF) line endings: sbatch refuses DOS line
+/// breaks, and the interpreter line `#!/bin/bash\r` fails on the node with 127.
+/// `script` names the script in the error (its path when known).
+pub fn check_line_endings(script: &str, text: &str) -> Result<(), SpecError> {
+    let Some(line) = text.split('\n').position(|line| line.ends_with('\r')) else { return Ok(()) };
+    Err(SpecError::invalid(
+        "batch script",
+        script,
+        format!(
+            "line {} ends with a Windows (CRLF) line break, which sbatch rejects; convert the script with `dos2unix {script}`",
+            line + 1
+        ),
+    ))
+}
+
 impl JobSpec {
     /// Checks the parts that do not need the configuration or the stores.
     pub fn check(&self) -> Result<(), SpecError> {
@@ -122,6 +137,7 @@ impl JobSpec {
                 ));
             }
         }
+        check_line_endings(&self.script_name, &self.script_text)?;
         if !self.script_text.starts_with("#!") {
             return Err(SpecError::invalid(
                 "batch script",
@@ -168,6 +184,13 @@ mod tests {
         let prefix = StageIn::new(location("models:meshes/"), None).unwrap();
         assert_eq!(prefix.destination, "meshes");
         assert!(StageIn::new(location("models:"), None).is_err());
+    }
+
+    #[test]
+    fn crlf_scripts_are_rejected() {
+        assert!(check_line_endings("run.sh", "#!/bin/bash\necho ok\n").is_ok());
+        let err = check_line_endings("dir/run.sh", "#!/bin/bash\necho ok\r\n").unwrap_err().to_string();
+        assert!(err.contains("dir/run.sh") && err.contains("line 2") && err.contains("dos2unix dir/run.sh"), "{err}");
     }
 
     #[test]

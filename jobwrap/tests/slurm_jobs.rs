@@ -453,3 +453,18 @@ fn rejected_sbatch_option_leaves_no_record() {
     assert_eq!(String::from_utf8_lossy(&list.stdout).lines().count(), 1, "only the header expected");
     assert!(h.slurm_jobs().is_empty());
 }
+
+/// A script with Windows line endings is rejected before submission, naming the script
+/// and `dos2unix`.
+#[test]
+fn crlf_script_rejected_before_submission() {
+    let h = Harness::new("crlf");
+    let script = h.write_script("dos.sh", &format!("#!/bin/bash\r\n#SBATCH -J {}\r\necho hello\r\n", h.name));
+    let output = h.run(&["sbatch", script.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    let message = stderr(&output);
+    assert!(message.contains(script.to_str().unwrap()), "{message}");
+    assert!(message.contains("dos2unix"), "{message}");
+    assert!(h.records().is_empty(), "{:#?}", h.records());
+    assert!(h.slurm_jobs().is_empty());
+}
