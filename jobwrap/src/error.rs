@@ -42,11 +42,14 @@ pub enum JobError {
     #[error("job rejected before submission, nothing was submitted:\n  {}", .0.join("\n  "))]
     Rejected(Vec<String>),
 
-    #[error("{action} {path}: {source}")]
+    // The OS error is part of the message and deliberately not a `#[source]` (a field
+    // named `source` would make it one), so that `{:#}` chains in the binary do not
+    // print it twice.
+    #[error("{action} {path}: {error}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     #[error("{command} failed: {message}")]
@@ -69,11 +72,41 @@ pub enum JobError {
 }
 
 impl JobError {
-    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         JobError::Io {
             action,
             path: path.into(),
-            source,
+            error,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every variant that shows an inner error in its message must not also expose it
+    /// as `source()`, or the binary's `{:#}` prints it twice.
+    #[test]
+    fn messages_do_not_repeat_their_source() {
+        use std::error::Error;
+
+        let errors = [
+            JobError::io("cannot create", "/tmp/x", std::io::Error::from_raw_os_error(libc::ENOTDIR)),
+            JobError::Spec(SpecError::invalid("input", "x", "bad")),
+            JobError::Rejected(vec!["one".into()]),
+            JobError::Record { path: "/tmp/r.json".into(), message: "EOF".into() },
+        ];
+        for err in errors {
+            let message = err.to_string();
+            let mut source = err.source();
+            while let Some(inner) = source {
+                assert!(!message.contains(&inner.to_string()), "{message:?} repeats its source {inner}");
+                source = inner.source();
+            }
+        }
+        let io = JobError::io("cannot create", "/tmp/x", std::io::Error::from_raw_os_error(libc::ENOTDIR));
+        let chained = format!("{:#}", anyhow::Error::from(io));
+        assert_eq!(chained.matches("os error 20").count(), 1, "{chained}");
     }
 }

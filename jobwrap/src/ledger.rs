@@ -141,7 +141,7 @@ impl Ledger {
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(|err| JobError::io("cannot create ledger directory", &dir, err))?;
+            .map_err(|err| JobError::io("cannot create ledger directory (check jobwrap.state_dir)", &dir, err))?;
         Ok(Ledger { dir })
     }
 
