@@ -9,12 +9,12 @@
 //! concurrent overwrite fails the copy instead of mixing two versions.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use futures::stream::{self, StreamExt, TryStreamExt};
-use ring::{digest, hmac};
 
-use crate::config::{SpaceConfig, SpaceLocation};
+use crate::config::SpaceConfig;
+use crate::sigv4::{payload_sha256, query_encode, uri_encode, BucketAddress, SigningKey};
 
 /// S3 allows at most this many parts in one multipart upload.
 const MAX_PARTS: u64 = 10_000;
@@ -57,39 +57,19 @@ pub struct CopyRequest<'a> {
 pub struct PartCopyClient {
     space: SpaceConfig,
     http: reqwest::Client,
-    origin: String,
-    host: String,
-    bucket: String,
-    prefix: String,
-}
-
-struct Signer {
-    access_key_id: String,
-    secret_access_key: String,
-    session_token: Option<String>,
+    address: BucketAddress,
 }
 
 impl PartCopyClient {
     pub fn for_space(space: &SpaceConfig) -> Result<PartCopyClient, PartCopyError> {
-        let SpaceLocation::S3 { bucket, prefix } = &space.location else {
-            return Err(PartCopyError::NotS3(space.name.clone()));
-        };
-        let endpoint = space
-            .endpoint
-            .clone()
-            .unwrap_or_else(|| format!("https://s3.{}.amazonaws.com", space.region));
         let endpoint_error = |reason: String| PartCopyError::Endpoint {
             space: space.name.clone(),
-            endpoint: endpoint.clone(),
+            endpoint: space.endpoint.clone().unwrap_or_default(),
             reason,
         };
-        let url = url::Url::parse(&endpoint).map_err(|err| endpoint_error(err.to_string()))?;
-        let host_name = url.host_str().ok_or_else(|| endpoint_error("no host".into()))?;
-        let host_name = if space.path_style { host_name.to_string() } else { format!("{bucket}.{host_name}") };
-        let host = match url.port() {
-            Some(port) => format!("{host_name}:{port}"),
-            None => host_name,
-        };
+        let address = BucketAddress::for_space(space)
+            .map_err(endpoint_error)?
+            .ok_or_else(|| PartCopyError::NotS3(space.name.clone()))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(600))
             .build()
@@ -97,10 +77,7 @@ impl PartCopyClient {
         Ok(PartCopyClient {
             space: space.clone(),
             http,
-            origin: format!("{}://{host}", url.scheme()),
-            host,
-            bucket: bucket.clone(),
-            prefix: prefix.clone(),
+            address,
         })
     }
 
@@ -152,7 +129,7 @@ impl PartCopyClient {
         part_size: u64,
         max_concurrency: usize,
     ) -> Result<Vec<(u64, String)>, PartCopyError> {
-        let source = format!("/{}", uri_encode(&format!("{}/{}", self.bucket, self.full_key(request.from))));
+        let source = format!("/{}", uri_encode(&format!("{}/{}", self.address.bucket, self.address.full_key(request.from))));
         let count = request.size_bytes.div_ceil(part_size).max(1);
         let mut parts: Vec<(u64, String)> = stream::iter(1..=count)
             .map(|number| {
@@ -217,14 +194,6 @@ impl PartCopyClient {
         }
     }
 
-    fn full_key(&self, key: &str) -> String {
-        if self.prefix.is_empty() {
-            key.to_string()
-        } else {
-            format!("{}/{key}", self.prefix)
-        }
-    }
-
     /// Sends one signed request, retrying connection errors and 5xx responses, and
     /// returns the body of a successful response.
     async fn send(
@@ -236,12 +205,9 @@ impl PartCopyClient {
         headers: Vec<(String, String)>,
         body: Vec<u8>,
     ) -> Result<String, PartCopyError> {
-        let full_key = self.full_key(key);
-        let path = if self.space.path_style {
-            format!("/{}/{}", uri_encode(&self.bucket), uri_encode(&full_key))
-        } else {
-            format!("/{}", uri_encode(&full_key))
-        };
+        let full_key = self.address.full_key(key);
+        let path = self.address.uri_path(Some(&full_key));
+        let body_sha256 = payload_sha256(&body);
         let mut sorted_query: Vec<(String, String)> =
             query.iter().map(|(k, v)| (query_encode(k), query_encode(v))).collect();
         sorted_query.sort();
@@ -252,10 +218,19 @@ impl PartCopyClient {
         loop {
             attempt += 1;
             let signer = self.signer()?;
-            let signed = signer.sign(&method, &self.host, &path, &query_text, &headers, &body, &self.space.region, SystemTime::now());
+            let signed = signer.sign(
+                &method,
+                &self.address.host,
+                &path,
+                &query_text,
+                &headers,
+                &body_sha256,
+                &self.space.region,
+                SystemTime::now(),
+            );
             let mut request = self
                 .http
-                .request(method.clone(), format!("{}{path}?{query_text}", self.origin))
+                .request(method.clone(), format!("{}{path}?{query_text}", self.address.origin))
                 .body(body.clone());
             for (name, value) in signed {
                 request = request.header(name, value);
@@ -284,80 +259,11 @@ impl PartCopyClient {
         }
     }
 
-    fn signer(&self) -> Result<Signer, PartCopyError> {
-        let error = |reason: String| PartCopyError::Credentials { space: self.space.name.clone(), reason };
-        let Some(sources) = &self.space.credentials else {
-            let access_key_id = std::env::var("AWS_ACCESS_KEY_ID").unwrap_or_default();
-            let secret_access_key = std::env::var("AWS_SECRET_ACCESS_KEY").unwrap_or_default();
-            if access_key_id.is_empty() || secret_access_key.is_empty() {
-                return Err(error("set access_key_id and secret_access_key_file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into()));
-            }
-            let session_token = std::env::var("AWS_SESSION_TOKEN").ok().filter(|t| !t.is_empty());
-            return Ok(Signer { access_key_id, secret_access_key, session_token });
-        };
-        let key = |field: &str| format!("spaces.{}.{field}", self.space.name);
-        Ok(Signer {
-            access_key_id: sources.access_key_id.read(&key("access_key_id")).map_err(|e| error(e.to_string()))?,
-            secret_access_key: sources.secret_access_key.read(&key("secret_access_key")).map_err(|e| error(e.to_string()))?,
-            session_token: match &sources.session_token {
-                Some(source) => Some(source.read(&key("session_token")).map_err(|e| error(e.to_string()))?),
-                None => None,
-            },
+    fn signer(&self) -> Result<SigningKey, PartCopyError> {
+        SigningKey::read(&self.space.name, self.space.credentials.as_ref()).map_err(|reason| PartCopyError::Credentials {
+            space: self.space.name.clone(),
+            reason,
         })
-    }
-}
-
-impl Signer {
-    /// Returns the headers (given ones included) that authenticate the request.
-    #[allow(clippy::too_many_arguments)]
-    fn sign(
-        &self,
-        method: &reqwest::Method,
-        host: &str,
-        path: &str,
-        query: &str,
-        extra: &[(String, String)],
-        body: &[u8],
-        region: &str,
-        now: SystemTime,
-    ) -> Vec<(String, String)> {
-        let timestamp = amz_date(now);
-        let date = &timestamp[..8];
-        let payload_hash = hex(digest::digest(&digest::SHA256, body).as_ref());
-
-        let mut headers = vec![
-            ("host".to_string(), host.to_string()),
-            ("x-amz-content-sha256".to_string(), payload_hash.clone()),
-            ("x-amz-date".to_string(), timestamp.clone()),
-        ];
-        if let Some(token) = &self.session_token {
-            headers.push(("x-amz-security-token".to_string(), token.clone()));
-        }
-        headers.extend(extra.iter().map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_string())));
-        headers.sort();
-
-        let signed_headers = headers.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(";");
-        let canonical_headers: String = headers.iter().map(|(name, value)| format!("{name}:{value}\n")).collect();
-        let canonical_request = format!("{method}\n{path}\n{query}\n{canonical_headers}\n{signed_headers}\n{payload_hash}");
-
-        let scope = format!("{date}/{region}/s3/aws4_request");
-        let request_hash = hex(digest::digest(&digest::SHA256, canonical_request.as_bytes()).as_ref());
-        let string_to_sign = format!("AWS4-HMAC-SHA256\n{timestamp}\n{scope}\n{request_hash}");
-        let date_key = hmac_sha256(format!("AWS4{}", self.secret_access_key).as_bytes(), date);
-        let region_key = hmac_sha256(&date_key, region);
-        let service_key = hmac_sha256(&region_key, "s3");
-        let signing_key = hmac_sha256(&service_key, "aws4_request");
-        let signature = hex(&hmac_sha256(&signing_key, &string_to_sign));
-
-        headers.retain(|(name, _)| name != "host");
-        headers.push((
-            "authorization".to_string(),
-            format!(
-                "AWS4-HMAC-SHA256 Credential={}/{scope}, SignedHeaders={signed_headers}, Signature={signature}",
-                self.access_key_id
-            ),
-        ));
-        headers
     }
 }
 
@@ -372,55 +278,6 @@ fn xml_escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// Percent-encodes a key for a SigV4 canonical URI: everything but unreserved
-/// characters and `/`.
-fn uri_encode(text: &str) -> String {
-    encode(text, true)
-}
-
-/// Percent-encodes a query name or value: everything but unreserved characters.
-fn query_encode(text: &str) -> String {
-    encode(text, false)
-}
-
-fn encode(text: &str, keep_slash: bool) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => out.push(byte as char),
-            b'/' if keep_slash => out.push('/'),
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn hmac_sha256(key: &[u8], data: &str) -> Vec<u8> {
-    let key = hmac::Key::new(hmac::HMAC_SHA256, key);
-    hmac::sign(&key, data.as_bytes()).as_ref().to_vec()
-}
-
-/// Formats `time` as the SigV4 timestamp `YYYYMMDDTHHMMSSZ`.
-fn amz_date(time: SystemTime) -> String {
-    let secs = time.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}{month:02}{day:02}T{:02}{:02}{:02}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,12 +288,5 @@ mod tests {
         assert_eq!(xml_value(xml, "UploadId").as_deref(), Some("abc"));
         assert_eq!(xml_value("<CopyPartResult><ETag>&quot;e1&quot;</ETag></CopyPartResult>", "ETag").as_deref(), Some("&quot;e1&quot;"));
         assert_eq!(xml_value("<a></a>", "UploadId"), None);
-    }
-
-    #[test]
-    fn encodings_follow_sigv4() {
-        assert_eq!(uri_encode("b/a b+c%.txt"), "b/a%20b%2Bc%25.txt");
-        assert_eq!(query_encode("a/b c"), "a%2Fb%20c");
-        assert_eq!(amz_date(UNIX_EPOCH + Duration::from_secs(1_440_938_160)), "20150830T123600Z");
     }
 }
