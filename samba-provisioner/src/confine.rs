@@ -12,8 +12,8 @@ use std::path::{Component, Path, PathBuf};
 
 use crate::ProvisionError;
 
-/// Maximum label length in characters. Labels appear in listings and logs, never in Samba.
-pub const MAX_LABEL_CHARS: usize = 200;
+/// Maximum label length in bytes of UTF-8. Labels appear in listings and logs, never in Samba.
+pub const MAX_LABEL_BYTES: usize = 256;
 
 /// Characters that `smb.conf` parsing would interpret inside a parameter value.
 const CONFIG_METACHARACTERS: &[char] = &['%', '\\', '"'];
@@ -52,14 +52,15 @@ pub fn check_config_text(what: &'static str, value: &str) -> Result<(), Provisio
 
 /// Checks a lease label: shown in listings and logs, so it obeys the same rules.
 pub fn check_label(label: &str) -> Result<(), ProvisionError> {
-    check_config_text("label", label)?;
-    if label.chars().count() > MAX_LABEL_CHARS {
+    // Length first, so that a huge label is never scanned or copied further.
+    if label.len() > MAX_LABEL_BYTES {
         return Err(ProvisionError::invalid(
             "label",
             label,
-            format!("it is longer than {MAX_LABEL_CHARS} characters"),
+            format!("it has {} bytes, more than the maximum of {MAX_LABEL_BYTES}; shorten it", label.len()),
         ));
     }
+    check_config_text("label", label)?;
     Ok(())
 }
 
@@ -191,10 +192,10 @@ mod tests {
 
     #[test]
     fn long_label_rejected() {
-        let err = check_label(&"x".repeat(MAX_LABEL_CHARS + 1))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("longer than"), "{err}");
+        assert!(check_label(&"x".repeat(MAX_LABEL_BYTES)).is_ok());
+        let err = check_label(&"x".repeat(100_000)).unwrap_err().to_string();
+        assert!(err.contains("more than the maximum of 256"), "{err}");
+        assert!(err.len() < 300, "the label was echoed: {} bytes of message", err.len());
     }
 
     #[test]

@@ -62,6 +62,10 @@ pub enum ProvisionError {
     },
 }
 
+/// Characters of a rejected value that an error repeats; a longer value is cut there,
+/// so that a huge request value never floods a log or a terminal.
+const MAX_ECHOED_CHARS: usize = 100;
+
 impl ProvisionError {
     pub(crate) fn invalid(
         what: &'static str,
@@ -70,7 +74,7 @@ impl ProvisionError {
     ) -> Self {
         ProvisionError::InvalidInput {
             what,
-            value: value.into(),
+            value: shorten(value.into()),
             reason: reason.into(),
         }
     }
@@ -95,5 +99,25 @@ impl ProvisionError {
                 | ProvisionError::Token(_)
                 | ProvisionError::LeaseNotFound { .. }
         )
+    }
+}
+
+/// Cuts `value` to its first [`MAX_ECHOED_CHARS`] characters, marked with `...`.
+fn shorten(value: String) -> String {
+    match value.char_indices().nth(MAX_ECHOED_CHARS) {
+        Some((end, _)) => format!("{}...", &value[..end]),
+        None => value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_value_echo_is_cut() {
+        let err = ProvisionError::invalid("label", "é".repeat(10_000), "too long").to_string();
+        assert!(err.starts_with(&format!("invalid label \"{}...\"", "é".repeat(MAX_ECHOED_CHARS))), "{err}");
+        assert_eq!(ProvisionError::invalid("label", "short", "x").to_string(), "invalid label \"short\": x");
     }
 }

@@ -140,6 +140,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let provisioner = open_provisioner(cli.config.as_deref())?;
+            provisioner.check_allowed_roots()?;
             let client_ip = client_ip.as_deref().map(parse_client_ip).transpose()?;
             let request = GrantRequest {
                 path,

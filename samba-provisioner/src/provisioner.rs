@@ -73,6 +73,12 @@ impl Provisioner {
                 check_unix_name(key, name)?;
             }
         }
+        check_force_identity(config)?;
+        if let Err(err) = check_allowed_roots(&config.allowed_roots) {
+            // Revoke, list, gc and serve must keep working while a root is gone (a mount
+            // that is down), so only the `grant` command fails on it.
+            tracing::warn!(error = %err, "samba.allowed_roots has a missing directory; grants below it fail");
+        }
         std::fs::metadata(&config.smb_conf)
             .map_err(|err| ProvisionError::io("read", &config.smb_conf, err))?;
 
@@ -91,6 +97,11 @@ impl Provisioner {
             samba,
             temp_dir,
         })
+    }
+
+    /// Fails when an entry of `samba.allowed_roots` is missing; see [`check_allowed_roots`].
+    pub fn check_allowed_roots(&self) -> Result<(), ProvisionError> {
+        check_allowed_roots(&self.config.allowed_roots)
     }
 
     pub fn config(&self) -> &SambaConfig {
@@ -341,6 +352,53 @@ impl Provisioner {
 }
 
 /// Checks a configured Unix user or group name before it enters a share definition.
+/// Rejects a `force_user` or `force_group` that does not exist, because smbd would
+/// then reject every tree connect with NT_STATUS_NO_SUCH_USER.
+fn check_force_identity(config: &SambaConfig) -> Result<(), ProvisionError> {
+    let checks: [(&'static str, &Option<String>, fn(&str) -> std::io::Result<bool>, &str); 2] = [
+        ("samba.force_user", &config.force_user, crate::unix_account::user_exists, "user (useradd, or pick one in /etc/passwd)"),
+        ("samba.force_group", &config.force_group, crate::unix_account::group_exists, "group (groupadd, or pick one in /etc/group)"),
+    ];
+    for (key, name, exists, kind) in checks {
+        let Some(name) = name else { continue };
+        match exists(name) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(ProvisionError::invalid(key, name.as_str(), format!("no such Unix {kind}")));
+            }
+            Err(err) => {
+                return Err(ProvisionError::invalid(key, name.as_str(), format!("cannot look it up: {err}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Fails when an entry of `samba.allowed_roots` is not an existing directory, for
+/// example because the `datanet` mount that holds it is not up yet.
+pub fn check_allowed_roots(roots: &[PathBuf]) -> Result<(), ProvisionError> {
+    for root in roots {
+        match std::fs::metadata(root) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                return Err(ProvisionError::invalid(
+                    "samba.allowed_roots entry",
+                    root.display().to_string(),
+                    "it is not a directory; list directories only",
+                ));
+            }
+            Err(err) => {
+                return Err(ProvisionError::invalid(
+                    "samba.allowed_roots entry",
+                    root.display().to_string(),
+                    format!("{err}; create it, mount the datanet filesystem that holds it, or remove it from the list"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_unix_name(key: &'static str, name: &str) -> Result<(), ProvisionError> {
     check_config_text(key, name)?;
     let valid = name

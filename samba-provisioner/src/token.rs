@@ -10,7 +10,8 @@
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
+use base64::engine::DecodePaddingMode;
 use base64::Engine;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
@@ -155,7 +156,16 @@ pub fn seal(key: &TokenKey, claims: &TokenClaims) -> Result<String, crate::Provi
     Ok(URL_SAFE_NO_PAD.encode(bytes))
 }
 
-/// Authenticates and decrypts token text, without looking at its expiry.
+/// Decoder of token text: tokens are written without padding, but a token that a tool
+/// padded with `=` (correctly) is accepted too. Anything else outside the base64url
+/// alphabet is rejected.
+const TOKEN_DECODER: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
+
+/// Authenticates and decrypts token text, without looking at its expiry. Whitespace
+/// around the token (a trailing newline, blank lines, CRLF) is ignored.
 pub fn open(key: &TokenKey, text: &str) -> Result<TokenClaims, TokenError> {
     let text = text.trim();
     if text.is_empty() {
@@ -163,7 +173,7 @@ pub fn open(key: &TokenKey, text: &str) -> Result<TokenClaims, TokenError> {
     }
     // Cutting base64 text mid-byte shows up as a bad length or a last character with
     // stray bits, so both count as truncation.
-    let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|err| match err {
+    let bytes = TOKEN_DECODER.decode(text).map_err(|err| match err {
         base64::DecodeError::InvalidLength(_) => TokenError::Truncated {
             detail: format!("{} characters do not form whole bytes", text.len()),
         },

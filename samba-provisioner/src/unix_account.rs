@@ -16,6 +16,10 @@ pub const ACCOUNT_COMMENT: &str = "datanet samba lease";
 
 const PASSWD_PATH: &str = "/etc/passwd";
 
+/// Buffer for the strings of one `getpwnam_r`/`getgrnam_r` entry; a group with many
+/// members may need more, and the lookups grow it on ERANGE.
+const NSS_BUFFER_BYTES: usize = 4096;
+
 /// `useradd` exit status for "cannot update the password file", which covers a lock
 /// held by another process (shadow-utils 4.13, Debian 12).
 const USERADD_CANNOT_UPDATE: i32 = 1;
@@ -32,6 +36,52 @@ const RETRY_DELAY: Duration = Duration::from_millis(100);
 /// Serializes this process's account changes, so parallel requests of one server do
 /// not contend for the password file lock among themselves.
 static ACCOUNT_CHANGES: Mutex<()> = Mutex::new(());
+
+/// Tells whether the Unix user `name` exists, through NSS as smbd resolves `force user`.
+pub fn user_exists(name: &str) -> std::io::Result<bool> {
+    let name = nss_name(name)?;
+    nss_lookup(|buffer| {
+        // SAFETY: every pointer refers to a live local or to `buffer` with its length.
+        let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let status = unsafe {
+            libc::getpwnam_r(name.as_ptr(), &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found)
+        };
+        (status, !found.is_null())
+    })
+}
+
+/// Tells whether the Unix group `name` exists, through NSS as smbd resolves `force group`.
+pub fn group_exists(name: &str) -> std::io::Result<bool> {
+    let name = nss_name(name)?;
+    nss_lookup(|buffer| {
+        // SAFETY: every pointer refers to a live local or to `buffer` with its length.
+        let mut entry: libc::group = unsafe { std::mem::zeroed() };
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        let status = unsafe {
+            libc::getgrnam_r(name.as_ptr(), &mut entry, buffer.as_mut_ptr(), buffer.len(), &mut found)
+        };
+        (status, !found.is_null())
+    })
+}
+
+fn nss_name(name: &str) -> std::io::Result<std::ffi::CString> {
+    std::ffi::CString::new(name).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "name contains a NUL byte"))
+}
+
+/// Runs one reentrant NSS lookup, growing the buffer while it returns ERANGE.
+fn nss_lookup(mut lookup: impl FnMut(&mut Vec<libc::c_char>) -> (libc::c_int, bool)) -> std::io::Result<bool> {
+    let mut buffer: Vec<libc::c_char> = vec![0; NSS_BUFFER_BYTES];
+    loop {
+        match lookup(&mut buffer) {
+            (0, found) => return Ok(found),
+            (libc::ERANGE, _) if buffer.len() < (1 << 24) => buffer.resize(buffer.len() * 2, 0),
+            // glibc returns these for "no such entry" from some NSS modules.
+            (libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM, _) => return Ok(false),
+            (code, _) => return Err(std::io::Error::from_raw_os_error(code)),
+        }
+    }
+}
 
 /// One line of `/etc/passwd`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,6 +191,14 @@ fn is_lock_message(stderr: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nss_lookups_find_root_only() {
+        assert!(user_exists("root").unwrap());
+        assert!(group_exists("root").unwrap());
+        assert!(!user_exists("datanet-no-such-user").unwrap());
+        assert!(!group_exists("datanet-no-such-group").unwrap());
+    }
 
     #[test]
     fn passwd_lines_parse() {

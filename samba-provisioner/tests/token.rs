@@ -190,3 +190,33 @@ fn token_as_file_argument_not_echoed() {
         "the error repeats the token: {text}"
     );
 }
+
+#[test]
+fn padded_or_spaced_token_accepted() {
+    let env = TestEnv::new("tolerant");
+    let dir = env.share_dir("d");
+    // The label changes the token's length: pick one that needs padding.
+    let token = (1..=3)
+        .map(|length| env.grant(&dir, "10m", &["--label", &"p".repeat(length)]))
+        .find(|token| token.len() % 4 != 0)
+        .expect("three consecutive label lengths all gave whole base64 quads");
+    let plain = env.run_ok(&["decode"], Some(&token));
+
+    let padding = "=".repeat(4 - token.len() % 4);
+    let variants = [
+        format!("{token}{padding}\n"),
+        format!("  {token}\r\n\n\n"),
+        format!("\n{token}{padding}\n  \n"),
+    ];
+    for variant in &variants {
+        let decoded = env.run_ok(&["decode"], Some(variant));
+        assert_eq!(decoded, plain, "{:?} decoded differently", variant.replace(&token, "TOKEN"));
+    }
+
+    // Padding where none belongs, and text inside or after the token, stay rejected.
+    assert_rejected(&env, &format!("{token}{padding}===="), "not base64url");
+    let middle = token.len() / 2;
+    assert_rejected(&env, &format!("{} {}", &token[..middle], &token[middle..]), "not base64url");
+    assert_rejected(&env, &format!("{token}\nextra"), "not base64url");
+}
+
