@@ -98,16 +98,20 @@ mod tests {
     }
 
     #[test]
-    fn created_modes_ignore_umask() {
+    fn created_and_existing_entries_private() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("a/b");
-        // SAFETY: umask(2) has no preconditions; the old mask is restored below.
-        let old = unsafe { libc::umask(0) };
         create_dir(&dir).unwrap();
         write_file(&dir.join("f"), b"x").unwrap();
-        unsafe { libc::umask(old) };
-
         assert_eq!(mode(&tmp.path().join("a")), DIR_MODE);
+        assert_eq!(mode(&dir), DIR_MODE);
+        assert_eq!(mode(&dir.join("f")), FILE_MODE);
+
+        // Existing entries are tightened too, whatever mode an earlier umask gave them.
+        std::fs::set_permissions(&dir, Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(dir.join("f"), Permissions::from_mode(0o666)).unwrap();
+        create_dir(&dir).unwrap();
+        write_file(&dir.join("f"), b"y").unwrap();
         assert_eq!(mode(&dir), DIR_MODE);
         assert_eq!(mode(&dir.join("f")), FILE_MODE);
     }
