@@ -12,6 +12,7 @@ pub mod fault;
 pub mod flow;
 pub mod jobfile;
 pub mod ledger;
+pub mod local_space;
 pub mod location;
 pub mod placement;
 pub mod progress;

@@ -104,7 +104,7 @@ pub fn is_glob(pattern: &str) -> bool {
     pattern.contains(['*', '?', '['])
 }
 
-/// Rejects a batch script with Windows (CRLF) line endings: sbatch refuses DOS line
+/// Rejects a batch script with Windows (CRLF) line endings: sbatch rejects DOS line
 /// breaks, and the interpreter line `#!/bin/bash\r` fails on the node with 127.
 /// `script` names the script in the error (its path when known).
 pub fn check_line_endings(script: &str, text: &str) -> Result<(), SpecError> {

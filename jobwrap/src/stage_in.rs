@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::JobError;
 use crate::ledger::InputFile;
+use crate::local_space;
 use crate::location::SpaceLocation;
 use crate::progress::Progress;
 use crate::spec::StageIn;
@@ -109,6 +110,9 @@ pub async fn plan(spaces: &Spaces, inputs: &[StageIn]) -> Result<Vec<InputFile>,
 
 async fn plan_one(space: &Space, input: &StageIn) -> Result<Vec<InputFile>, String> {
     let source = &input.source;
+    if let Some(root) = local_space::root(space) {
+        return plan_local(root, input);
+    }
     if !source.is_prefix() {
         match space.store.head(&source.object_path()?).await {
             Ok(meta) => {
@@ -181,6 +185,56 @@ async fn plan_one(space: &Space, input: &StageIn) -> Result<Vec<InputFile>, Stri
         ));
     }
     Ok(files)
+}
+
+/// Plans a stage-in from a `file://` space, whose keys are file paths below `root`.
+fn plan_local(root: &Path, input: &StageIn) -> Result<Vec<InputFile>, String> {
+    let source = &input.source;
+    let key = source.path.trim_end_matches('/');
+    let planned = |path: String, destination: String, size_bytes: u64, directory: bool| InputFile {
+        source: SpaceLocation {
+            space: source.space.clone(),
+            path,
+        },
+        destination,
+        size_bytes,
+        e_tag: None,
+        done: false,
+        sha256: None,
+        verified: None,
+        directory,
+    };
+    if !source.is_prefix() {
+        match local_space::head(root, key) {
+            Ok(Some(size)) => return Ok(vec![planned(key.to_string(), input.destination.clone(), size, false)]),
+            Ok(None) => {}
+            Err(err) => return Err(format!("input {source}: cannot read it: {err}")),
+        }
+    }
+
+    let entries = local_space::list(root, key).map_err(|err| format!("input {source}: cannot list it: {err}"))?;
+    if entries.is_empty() {
+        return Err(format!(
+            "input {source} not found: no file or directory of that name in space {:?}",
+            source.space
+        ));
+    }
+    Ok(entries
+        .into_iter()
+        .map(|entry| {
+            let path = match (key.is_empty(), entry.relative.is_empty()) {
+                (_, true) => key.to_string(),
+                (true, false) => entry.relative.clone(),
+                (false, false) => format!("{key}/{}", entry.relative),
+            };
+            let destination = if entry.relative.is_empty() {
+                input.destination.clone()
+            } else {
+                format!("{}/{}", input.destination, entry.relative)
+            };
+            planned(path, destination, entry.size, entry.directory)
+        })
+        .collect())
 }
 
 /// True when the zero-byte object listed at `location` is a directory marker: its key is
@@ -291,7 +345,9 @@ async fn download_once(
         .map_err(|err| format!("cannot create {}: {err}", partial.display()))?;
 
     let counter = AtomicU64::new(0);
-    let outcome = if file.size_bytes >= RANGED_MIN_BYTES {
+    let outcome = if let Some(root) = local_space::root(space) {
+        download_local(root, file, &output, &partial, progress, &counter).await
+    } else if file.size_bytes >= RANGED_MIN_BYTES {
         download_ranged(space, file, &output, &partial, progress, &counter).await
     } else {
         download_stream(space, file, &output, &partial, progress, &counter).await
@@ -348,6 +404,33 @@ async fn download_stream(
         counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         progress.add_bytes(chunk.len() as u64);
     }
+    Ok((written, (hex::encode(md5.finalize()), hex::encode(sha256.finalize()))))
+}
+
+/// Copies a file of a `file://` space, hashing on the fly.
+async fn download_local(
+    root: &Path,
+    file: &InputFile,
+    output: &std::fs::File,
+    partial: &Path,
+    progress: &Progress,
+    counter: &AtomicU64,
+) -> Result<(u64, Digests), String> {
+    let mut md5 = Md5::new();
+    let mut sha256 = Sha256::new();
+    let mut written = 0u64;
+    local_space::read(root, &file.source.path, |chunk| {
+        md5.update(chunk);
+        sha256.update(chunk);
+        output
+            .write_all_at(chunk, written)
+            .map_err(|err| format!("cannot write {}: {err}", partial.display()))?;
+        written += chunk.len() as u64;
+        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        progress.add_bytes(chunk.len() as u64);
+        Ok(())
+    })
+    .await?;
     Ok((written, (hex::encode(md5.finalize()), hex::encode(sha256.finalize()))))
 }
 

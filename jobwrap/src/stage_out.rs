@@ -18,6 +18,7 @@ use tokio::io::AsyncReadExt;
 
 use crate::location::SpaceLocation;
 use crate::spec::{is_glob, JobSpec};
+use crate::local_space;
 use crate::stage_in::{md5_from_e_tag, FIRST_BACKOFF, TRANSFER_ATTEMPTS};
 use crate::workdir::CONTROL_DIR;
 
@@ -158,6 +159,9 @@ async fn open_no_follow(path: &Path) -> Result<tokio::fs::File, String> {
 async fn upload_once(space: &Space, output: &PlannedOutput) -> Result<(u64, String, String), String> {
     let path = output.destination.object_path()?;
     let mut file = open_no_follow(&output.path).await?;
+    if let Some(root) = local_space::root(space) {
+        return upload_local(root, output, file).await;
+    }
     let size = file
         .metadata()
         .await
@@ -204,6 +208,28 @@ async fn upload_once(space: &Space, output: &PlannedOutput) -> Result<(u64, Stri
         ));
     }
     Ok((size, hex::encode(sha256.finalize()), verified))
+}
+
+/// Copies a file into a `file://` space and checks the size of what was stored.
+async fn upload_local(root: &Path, output: &PlannedOutput, file: tokio::fs::File) -> Result<(u64, String, String), String> {
+    let size = file
+        .metadata()
+        .await
+        .map_err(|err| format!("cannot read {}: {err}", output.path.display()))?
+        .len();
+    let key = output.destination.path.as_str();
+    let (written, sha256) = local_space::write(root, key, file, &output.path).await?;
+    if written != size {
+        return Err(format!("{} changed size while it was read", output.path.display()));
+    }
+    match local_space::head(root, key) {
+        Ok(Some(stored)) if stored == size => Ok((size, sha256, "size".into())),
+        Ok(stored) => Err(format!(
+            "size mismatch after copying {} to {}: local {size} bytes, stored {stored:?}",
+            output.local_name, output.destination
+        )),
+        Err(err) => Err(format!("cannot check {} after copying: {err}", output.destination)),
+    }
 }
 
 async fn upload_multipart(

@@ -11,7 +11,7 @@ use support::{stderr, text, Harness};
 
 /// Names that `object_store` would percent-encode or reject if a key were built with
 /// `Path::from`.
-const S3_NAMES: &[&str] = &["hash#1.txt", "pct%20.txt", "p%41.txt", "a b+c.txt", "q\"uo'te*.txt", "ünï cödé.txt", "r#1.txt"];
+const S3_NAMES: &[&str] = &["hash#1.txt", "pct%20.txt", "p%41.txt", "a b+c.txt", "q\"uo'te*.txt", "ünï cödé.txt", "r#1.txt", "run#12"];
 
 /// The same on a file:// space, plus characters that are special to URLs and shells.
 const LOCAL_NAMES: &[&str] = &[
@@ -24,14 +24,60 @@ const LOCAL_NAMES: &[&str] = &[
     "what?.txt",
     "back\\slash.txt",
     "lt<pipe|.txt",
+    "run#12",
 ];
+
+/// Writes and reads keys of one space the way the datanet mount stores them.
+trait KeyAccess {
+    fn put(&self, key: &str, bytes: &[u8]);
+    fn get(&self, key: &str) -> Option<Vec<u8>>;
+    /// Every key below `dir`, recursively.
+    fn list(&self, dir: &str) -> Vec<String>;
+}
+
+/// Objects of the S3 space `models`.
+struct S3Keys<'a>(&'a Harness);
+
+impl KeyAccess for S3Keys<'_> {
+    fn put(&self, key: &str, bytes: &[u8]) {
+        self.0.put("models", key, bytes)
+    }
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.0.get("models", key)
+    }
+    fn list(&self, dir: &str) -> Vec<String> {
+        self.0.list("models", dir)
+    }
+}
+
+/// Plain files below the root of a file:// space.
+struct FileKeys(std::path::PathBuf);
+
+impl KeyAccess for FileKeys {
+    fn put(&self, key: &str, bytes: &[u8]) {
+        let path = self.0.join(key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    fn get(&self, key: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.0.join(key)).ok()
+    }
+    fn list(&self, dir: &str) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.0.join(dir))
+            .unwrap()
+            .map(|entry| format!("{dir}/{}", entry.unwrap().file_name().to_string_lossy()))
+            .collect();
+        names.sort();
+        names
+    }
+}
 
 /// Stages `names` in from `space:in/` (one object on its own, the rest as a prefix),
 /// copies every staged file to `out/` in the job and stages `out/*` out to
 /// `space:outh/`; returns the harness after checking every key.
-fn round_trip(h: &Harness, space: &str, names: &[&str], put: impl Fn(&str, &[u8])) {
+fn round_trip(h: &Harness, space: &str, names: &[&str], store: &dyn KeyAccess) {
     for name in names {
-        put(&format!("in/{name}"), format!("content of {name}\n").as_bytes());
+        store.put(&format!("in/{name}"), format!("content of {name}\n").as_bytes());
     }
     let single = format!("{space}:in/{}", names[0]);
     let prefix = format!("{space}:in/");
@@ -58,33 +104,51 @@ fn round_trip(h: &Harness, space: &str, names: &[&str], put: impl Fn(&str, &[u8]
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
 
-    assert_eq!(text(h.get(space, "outh/out/single.txt")), format!("content of {}\n", names[0]));
+    assert_eq!(text(store.get("outh/out/single.txt")), format!("content of {}\n", names[0]));
     for name in names {
         let key = format!("outh/out/{name}");
-        assert_eq!(text(h.get(space, &key)), format!("content of {name}\n"), "key {key:?}");
+        assert_eq!(text(store.get(&key)), format!("content of {name}\n"), "key {key:?}");
     }
-    let stored = h.list(space, "outh/out");
+    let stored = store.list("outh/out");
     assert_eq!(stored.len(), names.len() + 1, "unexpected keys: {stored:?}");
 }
 
 #[test]
 fn special_names_kept_on_s3_space() {
     let h = Harness::new("names-s3");
-    round_trip(&h, "models", S3_NAMES, |key, bytes| h.put("models", key, bytes));
+    round_trip(&h, "models", S3_NAMES, &S3Keys(&h));
 }
 
 #[test]
 fn special_names_kept_on_file_space() {
     let h = Harness::new("names-file");
     let root = h.dir.path().join("local space");
-    round_trip(&h, "scratchspace", LOCAL_NAMES, |key, bytes| {
-        let path = root.join(key);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, bytes).unwrap();
-    });
+    round_trip(&h, "scratchspace", LOCAL_NAMES, &FileKeys(root.clone()));
     for name in LOCAL_NAMES {
         assert!(root.join("outh/out").join(name).is_file(), "{name:?} is not stored under its own name");
     }
+}
+
+/// Directories of a file:// space, empty ones included, are staged in as directories.
+#[test]
+fn directories_kept_on_file_space() {
+    let h = Harness::new("dirs-file");
+    let root = h.dir.path().join("local space");
+    std::fs::create_dir_all(root.join("tree/empty")).unwrap();
+    std::fs::create_dir_all(root.join("tree/sub")).unwrap();
+    std::fs::write(root.join("tree/sub/b#7"), "b\n").unwrap();
+    let script = h.write_script(
+        "run.sh",
+        &format!(
+            "#!/bin/bash\n#SBATCH -J {}\n#DATANET --stage-in scratchspace:tree/ --to t/\n\
+             #DATANET --stage-out report.txt --to scratchspace:dirs/\n\
+             set -e\ntest -d t/empty\ncat 't/sub/b#7' > report.txt\n",
+            h.name
+        ),
+    );
+    let output = h.run(&["sbatch", script.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(std::fs::read_to_string(root.join("dirs/report.txt")).unwrap(), "b\n");
 }
 
 #[test]
