@@ -533,45 +533,85 @@ impl DatanetFs {
         if writing {
             self.check_writable(space)?;
         }
+        let append = flags & libc::O_APPEND != 0;
+        let truncate = writing && flags & libc::O_TRUNC != 0;
 
-        let mut writer = self.writer_of(ino);
-        let mut keep_cache = false;
-        let mut reader = None;
-        if writer.is_none() {
-            let stat = match self.entry(space, &key, writing).await? {
-                Entry::File(stat) => stat,
-                Entry::Dir => return Err(FsError::new(libc::EISDIR, self.spaces[space].describe(&key))),
-                Entry::Missing => return Err(FsError::not_found(self.spaces[space].describe(&key))),
+        loop {
+            let stat = match self.writer_of(ino) {
+                Some(_) => None,
+                None => match self.entry(space, &key, writing).await? {
+                    Entry::File(stat) => Some(stat),
+                    Entry::Dir => return Err(FsError::new(libc::EISDIR, self.spaces[space].describe(&key))),
+                    Entry::Missing => return Err(FsError::not_found(self.spaces[space].describe(&key))),
+                },
             };
-            if writing {
-                writer = Some(self.writer_for_existing(ino, space, &key, &stat, flags & libc::O_TRUNC != 0)?);
-            } else {
-                let mut etags = lock(&self.opened_etags);
-                if etags.len() >= MAX_OPENED_ETAGS && !etags.contains_key(&ino) {
-                    // Forgetting only costs a page cache refill at the next open.
-                    etags.clear();
-                }
-                keep_cache = stat.etag.is_some() && etags.get(&ino) == Some(&stat.etag);
-                etags.insert(ino, stat.etag.clone());
-                reader = Some(Arc::new(ObjectReader::new(
-                    Arc::clone(&self.spaces[space].space.store),
-                    self.spaces[space].name(),
-                    &key,
-                    stat.etag.clone(),
-                    stat.size,
-                    self.data_cache.clone(),
-                    self.budget.clone(),
-                )));
-            }
-        } else if flags & libc::O_TRUNC != 0 && writing {
-            writer.as_ref().expect("checked").truncate(0).await?;
-        }
+            let (reader, keep_cache) = match &stat {
+                Some(stat) if !writing => self.reader_for(ino, space, &key, stat),
+                _ => (None, false),
+            };
 
-        Ok(self.register_handle(ino, space, reader, writer, flags & libc::O_APPEND != 0, keep_cache))
+            // The writer is looked up again and the handle registered under the same
+            // locks, so that a concurrent release never drops the writer this handle
+            // attaches to, and a later SETATTR without a handle finds it.
+            let (opened, writer, existing) = {
+                let mut files = lock(&self.files);
+                let mut writers = lock(&self.writers);
+                let (writer, existing) = match (writers.get(&ino), &stat) {
+                    (Some(writer), _) => (Some(Arc::clone(writer)), true),
+                    (None, Some(stat)) if writing => {
+                        let writer = self.new_writer(space, &key, stat, truncate)?;
+                        writers.insert(ino, Arc::clone(&writer));
+                        (Some(writer), false)
+                    }
+                    (None, Some(_)) => (None, false),
+                    // The writer went away after the first look: fetch the object's state.
+                    (None, None) => continue,
+                };
+                let reader = if writer.is_some() { None } else { reader };
+                let opened = self.register_handle(&mut files, ino, space, reader, writer.clone(), append, keep_cache && writer.is_none());
+                (opened, writer, existing)
+            };
+
+            if truncate && existing {
+                if let Some(writer) = &writer {
+                    if let Err(err) = writer.truncate(0).await {
+                        let _ = self.release(opened.fh).await;
+                        return Err(err);
+                    }
+                }
+            }
+            return Ok(opened);
+        }
     }
 
+    /// A reader of the object version `stat`, and whether the kernel may keep the pages
+    /// it cached at the previous open of `ino`.
+    fn reader_for(&self, ino: u64, space: usize, key: &str, stat: &FileStat) -> (Option<Arc<ObjectReader>>, bool) {
+        let mut etags = lock(&self.opened_etags);
+        if etags.len() >= MAX_OPENED_ETAGS && !etags.contains_key(&ino) {
+            // Forgetting only costs a page cache refill at the next open.
+            etags.clear();
+        }
+        let keep_cache = stat.etag.is_some() && etags.get(&ino) == Some(&stat.etag);
+        etags.insert(ino, stat.etag.clone());
+        let reader = Arc::new(ObjectReader::new(
+            Arc::clone(&self.spaces[space].space.store),
+            self.spaces[space].name(),
+            key,
+            stat.etag.clone(),
+            stat.size,
+            self.data_cache.clone(),
+            self.budget.clone(),
+        ));
+        (Some(reader), keep_cache)
+    }
+
+    /// Adds a handle. The caller holds the `files` lock, and also the `writers` lock when
+    /// it attaches a writer, so that attaching and `detach_writer` never interleave.
+    #[allow(clippy::too_many_arguments)]
     fn register_handle(
         &self,
+        files: &mut HashMap<u64, OpenFile>,
         ino: u64,
         space: usize,
         reader: Option<Arc<ObjectReader>>,
@@ -581,15 +621,12 @@ impl DatanetFs {
     ) -> Opened {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.inodes.open(ino);
-        lock(&self.files).insert(fh, OpenFile { ino, space, reader, writer, append });
+        files.insert(fh, OpenFile { ino, space, reader, writer, append });
         Opened { fh, keep_cache }
     }
 
-    fn writer_for_existing(&self, ino: u64, space: usize, key: &str, stat: &FileStat, truncate: bool) -> FsResult<Arc<Writer>> {
-        let mut writers = lock(&self.writers);
-        if let Some(existing) = writers.get(&ino) {
-            return Ok(Arc::clone(existing));
-        }
+    /// A writer over the current object `stat` of `key`, or an empty one for `O_TRUNC`.
+    fn new_writer(&self, space: usize, key: &str, stat: &FileStat, truncate: bool) -> FsResult<Arc<Writer>> {
         let base = (!truncate).then(|| BaseObject {
             store: Arc::clone(&self.spaces[space].space.store),
             path: object_path(key).expect("keys in the inode table are valid"),
@@ -597,9 +634,34 @@ impl DatanetFs {
             e_tag: stat.etag.clone(),
         });
         let meta = stat.meta.as_deref().cloned().unwrap_or_default();
-        let writer = Writer::new(&self.staging, base, meta)?;
+        Writer::new(&self.staging, base, meta)
+    }
+
+    /// The writer of `ino`, created over `stat` when there is none.
+    fn writer_for_existing(&self, ino: u64, space: usize, key: &str, stat: &FileStat, truncate: bool) -> FsResult<Arc<Writer>> {
+        let mut writers = lock(&self.writers);
+        if let Some(existing) = writers.get(&ino) {
+            return Ok(Arc::clone(existing));
+        }
+        let writer = self.new_writer(space, key, stat, truncate)?;
         writers.insert(ino, Arc::clone(&writer));
         Ok(writer)
+    }
+
+    /// Removes the writer of `ino` from the writer table when no handle uses one, and
+    /// returns whether none does. With `expected`, only that writer is removed, so a
+    /// newer one stays. The check and the removal run under the `files` and `writers`
+    /// locks, so `open` cannot attach a handle in between.
+    fn detach_writer(&self, ino: u64, expected: Option<&Arc<Writer>>) -> bool {
+        let files = lock(&self.files);
+        if files.values().any(|f| f.ino == ino && f.writer.is_some()) {
+            return false;
+        }
+        let mut writers = lock(&self.writers);
+        if writers.get(&ino).is_some_and(|current| expected.is_none_or(|w| Arc::ptr_eq(w, current))) {
+            writers.remove(&ino);
+        }
+        true
     }
 
     pub async fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Bytes> {
@@ -696,13 +758,16 @@ impl DatanetFs {
         };
         let writer = Writer::new(&self.staging, None, meta)?;
         let ino = self.inodes.lookup(space, &key, Kind::File);
-        lock(&self.writers).insert(ino, Arc::clone(&writer));
+        let opened = {
+            let mut files = lock(&self.files);
+            lock(&self.writers).insert(ino, Arc::clone(&writer));
+            self.register_handle(&mut files, ino, space, None, Some(writer), flags & libc::O_APPEND != 0, false)
+        };
         self.meta.remove_entry(space, &key);
         let listed = FileStat { size: 0, mtime: SystemTime::now(), etag: None, meta: None };
         let listed = DirEntry { name: name.to_string(), kind: Kind::File, stat: Some(listed) };
         self.meta.patch_listing(space, &dir, name, Some(listed));
 
-        let opened = self.register_handle(ino, space, None, Some(writer), flags & libc::O_APPEND != 0, false);
         let attr = self.getattr(ino).await?;
         Ok((attr, opened))
     }
@@ -714,7 +779,11 @@ impl DatanetFs {
             (file.writer.clone(), file.append)
         };
         let writer = writer.ok_or_else(|| FsError::new(libc::EBADF, "file handle is not open for writing"))?;
-        let offset = if append { writer.size().await } else { offset };
+        if append {
+            // The end is found and written under one lock, so a truncate through
+            // another handle never leaves a hole before the appended bytes.
+            return writer.append(data).await;
+        }
         writer.write(offset, data).await
     }
 
@@ -758,20 +827,20 @@ impl DatanetFs {
         let mut result = Ok(());
         if let Some(writer) = &file.writer {
             result = self.upload(file.ino, file.space, writer).await;
-            let still_open = lock(&self.files).values().any(|f| f.ino == file.ino && f.writer.is_some());
             // A writer whose content waits in the journal keeps serving reads and
             // attributes until the upload is done (see `start_write_back`).
             let pending = !writer.is_unlinked() && self.journal_pending(file.ino, file.space).await;
-            if !still_open && result.is_ok() {
+            if result.is_ok() {
                 if pending {
                     // The inode must outlive kernel FORGETs while its content waits in
                     // the journal, so this handle's open count becomes a pin, dropped
                     // in `writer_uploaded`.
-                    if lock(&self.journal_pins).insert(file.ino) {
+                    if !self.has_open_writer(file.ino) && lock(&self.journal_pins).insert(file.ino) {
                         return result;
                     }
-                } else {
-                    lock(&self.writers).remove(&file.ino);
+                } else if self.detach_writer(file.ino, Some(writer)) {
+                    // Another handle may have attached to the writer during the upload.
+                    // Then `detach_writer` keeps it.
                     self.unpin(file.ino);
                 }
             }
@@ -869,8 +938,7 @@ impl DatanetFs {
         // Content waiting in the write-back journal must never reach the store now.
         self.journal.forget(handle.name(), &object_path(&key)?).await;
         if let Some(ino) = self.inodes.peek(space, &key) {
-            if !self.has_open_writer(ino) && lock(&self.journal_pins).contains(&ino) {
-                lock(&self.writers).remove(&ino);
+            if lock(&self.journal_pins).contains(&ino) && self.detach_writer(ino, None) {
                 self.unpin(ino);
             }
         }
@@ -983,8 +1051,7 @@ impl DatanetFs {
 
         // A replaced file whose content waited in the journal is gone with its entry.
         if let Some(replaced) = self.inodes.peek(space, &to) {
-            if !self.has_open_writer(replaced) && lock(&self.journal_pins).contains(&replaced) {
-                lock(&self.writers).remove(&replaced);
+            if lock(&self.journal_pins).contains(&replaced) && self.detach_writer(replaced, None) {
                 self.unpin(replaced);
             }
         }
@@ -1135,7 +1202,10 @@ impl DatanetFs {
                 }
                 if temporary {
                     let result = self.upload(ino, space, &writer).await;
-                    lock(&self.writers).remove(&ino);
+                    // A handle opened meanwhile may hold the writer: it stays then.
+                    if self.detach_writer(ino, Some(&writer)) {
+                        self.unpin(ino);
+                    }
                     result?;
                 } else if !self.has_open_writer(ino) {
                     // A closed file whose content waits in the journal: record the change too.
@@ -1336,11 +1406,12 @@ impl DatanetFs {
 
         let Some(ino) = self.inodes.peek(space, key) else { return };
         let Some(writer) = self.writer_of(ino) else { return };
-        if self.has_open_writer(ino) || writer.is_dirty() || self.journal.pending(space_name, path).await.is_some() {
+        if writer.is_dirty() || self.journal.pending(space_name, path).await.is_some() {
             return;
         }
-        lock(&self.writers).remove(&ino);
-        self.unpin(ino);
+        if self.detach_writer(ino, Some(&writer)) {
+            self.unpin(ino);
+        }
     }
 
     /// Uploads every file that still has changes (used at unmount).

@@ -198,6 +198,18 @@ impl Staging {
     /// Writes `data` at `offset`, extending the file (with zeros in between) if needed.
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<usize, StagingError> {
         let mut state = self.state.write().await;
+        self.write_locked(&mut state, offset, data)
+    }
+
+    /// Writes `data` at the end of the file. The end is read under the same lock, so a
+    /// concurrent truncate comes wholly before or after the write.
+    pub async fn append(&self, data: &[u8]) -> Result<usize, StagingError> {
+        let mut state = self.state.write().await;
+        let offset = state.size;
+        self.write_locked(&mut state, offset, data)
+    }
+
+    fn write_locked(&self, state: &mut State, offset: u64, data: &[u8]) -> Result<usize, StagingError> {
         let end = offset + data.len() as u64;
         let new_bytes: u64 = state.present.gaps(offset..end).iter().map(|r| r.end - r.start).sum();
         self.check_space(new_bytes)?;
@@ -486,6 +498,17 @@ mod tests {
         staging.write(10, b"z").await.unwrap();
         assert_eq!(&staging.read(0, 20).await.unwrap()[..], b"abc\0\0\0\0\0\0\0z");
         assert_eq!(staging.size().await, 11);
+    }
+
+    #[tokio::test]
+    async fn append_writes_at_end_after_truncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = Staging::create(&settings(dir.path()), Some(base_object(b"hello1\n".to_vec()).await)).unwrap();
+        staging.append(b"hello2\n").await.unwrap();
+        assert_eq!(&staging.read(0, 100).await.unwrap()[..], b"hello1\nhello2\n");
+        staging.truncate(0).await.unwrap();
+        staging.append(b"short\n").await.unwrap();
+        assert_eq!(frozen_content(&staging).await, b"short\n");
     }
 
     #[tokio::test]

@@ -70,14 +70,24 @@ impl Writer {
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> FsResult<u32> {
         let written = self.staging.write(offset, data).await.map_err(staging_error)?;
+        self.touch_mtime();
+        Ok(written as u32)
+    }
 
-        // A write sets the mtime, as on a local disk, so an mtime stored by an earlier
-        // utimens must not survive it (without one, the upload time is the mtime).
+    /// Writes `data` at the end of the file (`O_APPEND`).
+    pub async fn append(&self, data: &[u8]) -> FsResult<u32> {
+        let written = self.staging.append(data).await.map_err(staging_error)?;
+        self.touch_mtime();
+        Ok(written as u32)
+    }
+
+    /// Sets the mtime after a write, as on a local disk, so an mtime stored by an earlier
+    /// utimens does not survive it (without one, the upload time is the mtime).
+    fn touch_mtime(&self) {
         let mut meta = self.meta.lock().unwrap_or_else(|e| e.into_inner());
         if meta.mtime.is_some() {
             meta.mtime = Some(SystemTime::now());
         }
-        Ok(written as u32)
     }
 
     pub async fn read(&self, offset: u64, len: u32) -> FsResult<Bytes> {
