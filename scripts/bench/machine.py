@@ -62,7 +62,7 @@ def describe(repo, run_dir, garage_binary):
         "kernel": platform.release(),
         "os": os_release(),
         "disk": " ".join(disk.split()[:3]) if disk else "unknown",
-        "commit": commit + (" (with uncommitted changes in the work tree)" if dirty else ""),
+        "commit": commit + (" plus uncommitted changes of work in progress" if dirty else ""),
         "versions": {
             "garage": first_line([garage_binary, "--version"]),
             **{package: debian_version(package) for package in DEBIAN_PACKAGES},

@@ -19,6 +19,9 @@ TOOL_NAMES = {
 }
 
 
+COUNT_UNITS = ("leases", "GETs", "LISTs", "HEADs")
+
+
 class Metric:
     """One metric of the results, or the reason it is missing."""
 
@@ -68,6 +71,11 @@ def num(value, digits=3):
     return f"{value:.{digits}f}"
 
 
+def count(value):
+    """Formats a count (requests, leases) without decimals."""
+    return "-" if value is None else f"{value:,.0f}"
+
+
 def seconds_cell(metric):
     if not metric.ok:
         return metric.missing()
@@ -87,8 +95,9 @@ def value_cell(metric):
     if not metric.ok:
         return metric.missing()
     values = metric.values
-    spread = f" ({num(min(values))}-{num(max(values))}, n={len(values)})" if len(values) > 1 else ""
-    return f"{num(metric.median)} {metric.unit}{spread}"
+    fmt = count if metric.unit in COUNT_UNITS or str(metric.unit).startswith("of ") else num
+    spread = f" ({fmt(min(values))}-{fmt(max(values))}, n={len(values)})" if len(values) > 1 else ""
+    return f"{fmt(metric.median)} {metric.unit}{spread}"
 
 
 def ratio(numerator, denominator):
@@ -312,14 +321,14 @@ def render_machine(add, results):
     add(f"- Command: `{results.get('command', 'scripts/bench.sh')}`, finished {results.get('finished', '-')}")
     add(f"- CPU: {machine['cpu']}, {machine['cores']} cores; memory {machine['memory_gib']} GiB")
     add(f"- OS: {machine['os']}, kernel {machine['kernel']}; disk of the run directory: {machine['disk']}")
-    add(f"- datanet commit: {machine['commit']}")
+    add(f"- Work tree: commit {machine['commit']}")
     for name, entry in results.get("binaries", {}).items():
         if not entry.get("ok"):
             state = f"not available: {one_line(entry.get('reason', '?'))}"
         elif entry.get("prebuilt"):
             state = "release binary found in target/release (`--no-build`), possibly older than the commit"
         else:
-            state = "built (release) from the commit above at the start of the run"
+            state = "built (release) from the work tree at the start of the run"
         add(f"- `{name}`: {state}")
     for name, version in machine["versions"].items():
         add(f"- {name}: {version}")
@@ -348,7 +357,7 @@ def render_read(add, results, sizes):
         gets = Metric(results, "read", f"read.gets.{tool}")
         rss_cell = f"{num(max(rss.values))} MiB" if rss.ok else "-"
         cache_cell = f"{num(max(cache.values))} MiB" if cache.ok else "-"
-        gets_cell = f"{num(gets.median)}" if gets.ok else "-"
+        gets_cell = count(gets.median) if gets.ok else "-"
         add(f"| {TOOL_NAMES[tool]} | {rate_cell(cold, size)} | {rate_cell(warm, size)} | "
             f"{ratio_cell(vs_direct)} | {ratio_cell(vs_local)} | {rss_cell} | {cache_cell} | {gets_cell} |")
     add(f"| {TOOL_NAMES['local']} | - | {rate_cell(local, size)} | - | 1.00x | - | - | - |")
@@ -417,7 +426,7 @@ def render_find(add, results, sizes):
         lists = Metric(results, "find", f"find.lists.{tool}")
         heads = Metric(results, "find", f"find.heads.{tool}")
         add(f"| {TOOL_NAMES[tool]} | {seconds_cell(cold)} | {seconds_cell(warm)} | "
-            f"{ratio_cell(ratio(cold.median, base.median))} | {num(lists.median)} | {num(heads.median)} |")
+            f"{ratio_cell(ratio(cold.median, base.median))} | {count(lists.median)} | {count(heads.median)} |")
     listing = Metric(results, "find", "find.cold.list")
     add(f"| {TOOL_NAMES['list']} | {seconds_cell(listing)} | - | {ratio_cell(ratio(listing.median, base.median))} "
         "| - | - |")

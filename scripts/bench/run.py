@@ -47,20 +47,30 @@ def log(message):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--repo", required=True, type=Path)
-    parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--binaries", required=True, type=Path, help="JSON file with the build result per binary")
-    parser.add_argument("--garage", required=True)
+    parser.add_argument("--repo", type=Path)
+    parser.add_argument("--run-dir", type=Path)
+    parser.add_argument("--binaries", type=Path, help="JSON file with the build result per binary")
+    parser.add_argument("--garage")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default="", help="comma-separated section names")
     parser.add_argument("--output", type=Path, required=True, help="Markdown page to write")
     parser.add_argument("--results", type=Path, required=True, help="JSON results file to write")
     parser.add_argument("--command-line", default="scripts/bench.sh")
+    parser.add_argument("--render-only", action="store_true",
+                        help="write the page from the results file again, without measuring")
     return parser.parse_args()
 
 
 def main():
     args = parse_args()
+    if args.render_only:
+        args.output.write_text(report.render(json.loads(args.results.read_text())))
+        log(f"wrote {args.output} from {args.results}")
+        return 0
+    if None in (args.repo, args.run_dir, args.binaries, args.garage):
+        log("--repo, --run-dir, --binaries and --garage are required unless --render-only is given")
+        return 2
+
     selected = [name.strip() for name in args.only.split(",") if name.strip()] or list(SECTIONS)
     unknown = [name for name in selected if name not in SECTIONS]
     if unknown:
