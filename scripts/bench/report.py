@@ -226,12 +226,12 @@ def targets(results):
             rows.append((f"samba-provisioner {label} < 0.5 s", f"{num(metric.median)} s",
                          verdict(metric.median < 0.5)))
     live = m("samba", "samba.live_leases")
-    wanted = results.get("sizes", {}).get("leases", 200)
+    expected_leases = results.get("sizes", {}).get("leases", 200)
     if not live.ok:
-        rows.append((f"{wanted} live leases at once", live.missing(), "not measured"))
+        rows.append((f"{expected_leases} live leases at once", live.missing(), "not measured"))
     else:
-        rows.append((f"{wanted} live leases at once", f"{int(min(live.values))} live",
-                     verdict(min(live.values) >= wanted)))
+        rows.append((f"{expected_leases} live leases at once", f"{int(min(live.values))} live",
+                     verdict(min(live.values) >= expected_leases)))
 
     rss = m("read", "read.rss.datanet")
     if not rss.ok:
