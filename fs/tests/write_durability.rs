@@ -173,8 +173,10 @@ fn interrupted_copy_keeps_prefix() {
     let source = pattern(64 << 20, 6);
     std::fs::write(m.root.path().join("src"), &source).unwrap();
 
-    let script = "import sys\nsrc = open(sys.argv[1], 'rb'); dst = open(sys.argv[2], 'wb')\n\
-                  while True:\n    chunk = src.read(1 << 20)\n    if not chunk: break\n    dst.write(chunk); dst.flush()\n    print('chunk', flush=True)\n    import time; time.sleep(0.05)\n";
+    // After 24 chunks the copy stalls, so the interrupt lands mid-transfer however
+    // slowly this test thread reads the progress lines on a loaded machine.
+    let script = "import sys, time\nsrc = open(sys.argv[1], 'rb'); dst = open(sys.argv[2], 'wb')\nn = 0\n\
+                  while True:\n    chunk = src.read(1 << 20)\n    if not chunk: break\n    dst.write(chunk); dst.flush(); n += 1\n    print('chunk', flush=True)\n    time.sleep(0.05 if n < 24 else 60)\n";
     let mut child = Command::new("python3")
         .args(["-c", script])
         .arg(m.root.path().join("src"))
