@@ -88,7 +88,7 @@ token_key_env = "TOKEN_KEY"
     assert_eq!(config.cache.read_ahead_memory_bytes, 64 << 20);
     assert_eq!(config.cache.write_back_delay, Duration::ZERO);
     assert_eq!(config.jobwrap.state_dir, Path::new("/var/lib/jobwrap"));
-    assert_eq!(config.jobwrap.transfer_concurrency, 16);
+    assert_eq!(config.jobwrap.transfer_concurrency, 64);
     assert_eq!(config.jobwrap.poll_interval, Duration::from_secs(2));
     assert_eq!(samba.server, "127.0.0.1");
     assert_eq!(samba.port, 445);
@@ -111,7 +111,7 @@ token_key_env = "TOKEN_KEY"
         ("read_ahead_memory", "`\"64MiB\"`"),
         ("write_back_delay", "`\"0\"`"),
         ("state_dir", "`\"/var/lib/jobwrap\"`"),
-        ("transfer_concurrency", "`16`"),
+        ("transfer_concurrency", "`64`"),
         ("poll_interval", "`\"2s\"`"),
         ("server", "`\"127.0.0.1\"`"),
         ("port", "`445`"),

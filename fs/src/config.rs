@@ -721,7 +721,9 @@ fn validate_jobwrap(raw: RawJobwrap) -> Result<JobwrapConfig, ConfigError> {
     if !state_dir.is_absolute() {
         return Err(ConfigError::invalid("jobwrap.state_dir", state_dir.display(), "use an absolute path"));
     }
-    let transfer_concurrency = raw.transfer_concurrency.unwrap_or(16);
+    // Many small objects are the common case of stage-in, and each transfer waits mostly
+    // on the network, so the default is well above the core count.
+    let transfer_concurrency = raw.transfer_concurrency.unwrap_or(64);
     if !(1..=256).contains(&transfer_concurrency) {
         return Err(ConfigError::invalid(
             "jobwrap.transfer_concurrency",

@@ -43,6 +43,9 @@ const PROGRESS_SAVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How often tracking looks for the wrapper's exit-status file between Slurm polls.
 const EXIT_STATUS_CHECK: Duration = Duration::from_millis(100);
 
+/// How often the state is polled between the script's end and Slurm's final state.
+const ENDING_POLL: Duration = Duration::from_millis(200);
+
 /// Shared state of one jobwrap invocation.
 pub struct Jobwrap {
     pub config: Config,
@@ -662,13 +665,18 @@ fn sets_begin_time(spec: &JobSpec) -> bool {
 
 /// Sleeps for one poll interval, but returns early once the wrapper has written the
 /// exit status, so the end of a short job is noticed without waiting a whole interval.
+/// After the script has ended, Slurm takes a moment to record the final state, so the
+/// state is then polled every [`ENDING_POLL`] instead of every interval.
 async fn wait_for_poll(workdir: &std::path::Path, poll_interval: Duration) {
     let exit_status = workdir.join(workdir::CONTROL_DIR).join(wrapper::EXIT_STATUS_FILE);
-    let already_ended = exit_status.exists();
+    if exit_status.exists() {
+        tokio::time::sleep(ENDING_POLL.min(poll_interval)).await;
+        return;
+    }
     let started = Instant::now();
     while started.elapsed() < poll_interval {
         tokio::time::sleep(EXIT_STATUS_CHECK.min(poll_interval)).await;
-        if !already_ended && exit_status.exists() {
+        if exit_status.exists() {
             return;
         }
     }

@@ -41,9 +41,13 @@ const RANGED_MIN_BYTES: u64 = 64 << 20;
 /// Size of one ranged GET.
 const RANGE_PART_BYTES: u64 = 8 << 20;
 /// Ranged GETs of one object in flight at once.
-// NOTE: each large object holds up to RANGE_CONCURRENCY * RANGE_PART_BYTES (64 MiB) in
-// memory, and up to `transfer_concurrency` objects download at once.
+/// Parts of one large object fetched at once; each holds RANGE_PART_BYTES in memory.
 const RANGE_CONCURRENCY: usize = 8;
+/// Large objects downloaded with ranged GETs at once, whatever `transfer_concurrency`
+/// is, so that their buffers stay within MAX_RANGED_OBJECTS * RANGE_CONCURRENCY *
+/// RANGE_PART_BYTES (128 MiB). Small objects stream and hold little memory each.
+const MAX_RANGED_OBJECTS: usize = 2;
+static RANGED_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_RANGED_OBJECTS);
 
 /// The spaces a job uses, opened once.
 #[derive(Debug, Clone, Default)]
@@ -348,6 +352,10 @@ async fn download_once(
     let outcome = if let Some(root) = local_space::root(space) {
         download_local(root, file, &output, &partial, progress, &counter).await
     } else if file.size_bytes >= RANGED_MIN_BYTES {
+        let _slot = RANGED_SLOTS
+            .acquire()
+            .await
+            .map_err(|err| format!("cannot schedule the download of {}: {err}", partial.display()))?;
         download_ranged(space, file, &output, &partial, progress, &counter).await
     } else {
         download_stream(space, file, &output, &partial, progress, &counter).await

@@ -28,6 +28,17 @@ const SINGLE_PUT_MAX_BYTES: u64 = 16 << 20;
 const PART_SIZE_BYTES: usize = 8 << 20;
 /// Parts of one multipart upload in flight at once.
 const PARTS_IN_FLIGHT: usize = 4;
+/// Memory, in MiB, that uploads to object stores may hold at once across all transfers.
+/// A single PUT holds its whole file and a multipart upload its parts in flight plus
+/// the one being filled, so `transfer_concurrency` alone does not bound memory.
+const UPLOAD_MEMORY_MIB: u32 = 256;
+static UPLOAD_MEMORY: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(UPLOAD_MEMORY_MIB as usize);
+
+/// MiB of [`UPLOAD_MEMORY`] that uploading a file of `size` bytes holds.
+fn upload_memory_mib(size: u64) -> u32 {
+    let bytes = if size <= SINGLE_PUT_MAX_BYTES { size } else { ((PARTS_IN_FLIGHT + 1) * PART_SIZE_BYTES) as u64 };
+    (bytes.div_ceil(1 << 20) as u32).clamp(1, UPLOAD_MEMORY_MIB)
+}
 
 /// One file to copy out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,6 +178,10 @@ async fn upload_once(space: &Space, output: &PlannedOutput) -> Result<(u64, Stri
         .await
         .map_err(|err| format!("cannot read {}: {err}", output.path.display()))?
         .len();
+    let _memory = UPLOAD_MEMORY
+        .acquire_many(upload_memory_mib(size))
+        .await
+        .map_err(|err| format!("cannot schedule the upload of {}: {err}", output.path.display()))?;
 
     let mut sha256 = Sha256::new();
     let mut verified = String::from("size");
@@ -274,6 +289,14 @@ async fn upload_multipart(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn upload_memory_bounded_per_file() {
+        assert_eq!(upload_memory_mib(0), 1);
+        assert_eq!(upload_memory_mib(3 << 20), 3);
+        assert_eq!(upload_memory_mib(SINGLE_PUT_MAX_BYTES), 16);
+        assert_eq!(upload_memory_mib(10 << 30), 40);
+    }
     use crate::spec::StageOut;
 
     #[test]
