@@ -21,6 +21,15 @@ set -euo pipefail
 
 DATANET_RUN_DIR=${DATANET_BENCH_RUN_DIR:-/var/tmp/datanet-bench}
 export DATANET_RUN_DIR
+
+# Two runs at once would share the benchmark stack and the results page, and each
+# would disturb the other's figures: a second run waits for the first.
+mkdir -p "$DATANET_RUN_DIR"
+exec 8>"$DATANET_RUN_DIR.lock"
+if ! flock -n 8; then
+    echo "bench: another benchmark run holds $DATANET_RUN_DIR.lock; waiting for it" >&2
+    flock 8
+fi
 # Always the benchmark's own ports, even when the caller sourced a test stack's env.sh.
 export DATANET_S3_PORT=${DATANET_BENCH_S3_PORT:-33900}
 export DATANET_GARAGE_RPC_PORT=${DATANET_BENCH_GARAGE_RPC_PORT:-33901}
