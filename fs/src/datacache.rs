@@ -34,18 +34,36 @@ impl BlockKey {
     }
 }
 
+/// State of one block in the index.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    size: u64,
+    /// Last use tick once the file is written; `None` while the write is in progress.
+    /// A block being written can be neither read nor evicted, so its file can never be
+    /// written after its eviction and stay behind uncounted.
+    tick: Option<u64>,
+}
+
 #[derive(Debug, Default)]
 struct Lru {
-    /// Block → (size in bytes, last use tick).
-    blocks: HashMap<BlockKey, (u64, u64)>,
+    blocks: HashMap<BlockKey, Entry>,
+    /// Written blocks by last use; blocks being written are not listed.
     by_tick: BTreeMap<u64, BlockKey>,
+    /// Bytes of written blocks plus the space reserved for blocks being written.
     used_bytes: u64,
     tick: u64,
 }
 
-/// Maximum number of block writes queued at once. Blocks read while the queue is full
-/// are not cached, so a slow cache disk never makes fetched blocks pile up in memory.
-const MAX_PENDING_WRITES: usize = 4;
+impl Lru {
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+}
+
+/// Maximum number of blocks queued for writing at once. Blocks read while the queue is
+/// full are not cached, so a slow cache disk never makes fetched blocks pile up in memory.
+const MAX_PENDING_WRITES: usize = 16;
 
 #[derive(Debug)]
 pub struct DataCache {
@@ -72,6 +90,11 @@ impl DataCache {
         })
     }
 
+    /// The configured limit in bytes.
+    pub fn max_size_bytes(&self) -> u64 {
+        self.max_size_bytes
+    }
+
     /// Reserves a slot for one background block write, or `None` while the queue is full.
     pub fn try_reserve_write(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
         std::sync::Arc::clone(&self.write_permits).try_acquire_owned().ok()
@@ -85,11 +108,10 @@ impl DataCache {
     pub fn get(&self, key: &BlockKey) -> Option<Bytes> {
         {
             let mut lru = self.lock();
-            let tick = lru.tick + 1;
-            lru.tick = tick;
+            let tick = lru.next_tick();
             let old_tick = match lru.blocks.get_mut(key) {
-                Some(entry) => std::mem::replace(&mut entry.1, tick),
-                None => return None,
+                Some(Entry { tick: Some(old), .. }) => std::mem::replace(old, tick),
+                _ => return None,
             };
             lru.by_tick.remove(&old_tick);
             lru.by_tick.insert(tick, key.clone());
@@ -105,57 +127,69 @@ impl DataCache {
     }
 
     /// Stores a block, evicting least recently used blocks first so that the limit is
-    /// never exceeded. Blocks larger than the whole cache are not stored.
+    /// never exceeded. Blocks larger than the whole cache, and blocks that do not fit
+    /// because the rest of the cache is still being written, are not stored.
     pub fn put(&self, key: &BlockKey, data: &[u8]) {
         let size = data.len() as u64;
         if size > self.max_size_bytes {
             return;
         }
 
-        let evicted = {
+        {
             let mut lru = self.lock();
             if lru.blocks.contains_key(key) {
                 return;
             }
-            let mut evicted = Vec::new();
             while lru.used_bytes + size > self.max_size_bytes {
-                let Some((&tick, _)) = lru.by_tick.iter().next() else { break };
-                let victim = lru.by_tick.remove(&tick).expect("tick present");
-                if let Some((victim_size, _)) = lru.blocks.remove(&victim) {
-                    lru.used_bytes -= victim_size;
+                let Some((_, victim)) = lru.by_tick.pop_first() else { break };
+                // The victim's file goes while the lock is held: the space counts as
+                // free only once the file is gone, and no put of the same key can
+                // write its file in between.
+                let _ = std::fs::remove_file(self.dir.join(victim.file_name()));
+                if let Some(entry) = lru.blocks.remove(&victim) {
+                    lru.used_bytes -= entry.size;
                 }
-                evicted.push(victim);
             }
-            lru.tick += 1;
-            let tick = lru.tick;
-            lru.blocks.insert(key.clone(), (size, tick));
-            lru.by_tick.insert(tick, key.clone());
+            if lru.used_bytes + size > self.max_size_bytes {
+                return;
+            }
+            lru.blocks.insert(key.clone(), Entry { size, tick: None });
             lru.used_bytes += size;
-            evicted
-        };
-
-        for victim in evicted {
-            let _ = std::fs::remove_file(self.dir.join(victim.file_name()));
         }
 
         let path = self.dir.join(key.file_name());
         let staging = self.dir.join(format!(".{}.tmp", key.file_name()));
         let written = crate::private_dir::write_file(&staging, data).and_then(|()| std::fs::rename(&staging, &path));
-        if let Err(err) = written {
-            tracing::warn!(error = %err, dir = %self.dir.display(), "cannot write a cached block; continuing without it");
-            let _ = std::fs::remove_file(&staging);
-            self.remove(key);
+
+        let mut lru = self.lock();
+        match written {
+            Ok(()) => {
+                let tick = lru.next_tick();
+                if let Some(entry) = lru.blocks.get_mut(key) {
+                    entry.tick = Some(tick);
+                    lru.by_tick.insert(tick, key.clone());
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, dir = %self.dir.display(), "cannot write a cached block; continuing without it");
+                let _ = std::fs::remove_file(&staging);
+                let _ = std::fs::remove_file(&path);
+                if let Some(entry) = lru.blocks.remove(key) {
+                    lru.used_bytes -= entry.size;
+                }
+            }
         }
     }
 
     fn remove(&self, key: &BlockKey) {
         let mut lru = self.lock();
-        if let Some((size, tick)) = lru.blocks.remove(key) {
+        // A block being written belongs to its writer, which finishes or undoes it.
+        if let Some(Entry { size, tick: Some(tick) }) = lru.blocks.get(key).copied() {
+            lru.blocks.remove(key);
             lru.used_bytes -= size;
             lru.by_tick.remove(&tick);
+            let _ = std::fs::remove_file(self.dir.join(key.file_name()));
         }
-        drop(lru);
-        let _ = std::fs::remove_file(self.dir.join(key.file_name()));
     }
 
     /// Bytes currently held (never above the configured maximum).
@@ -207,6 +241,49 @@ mod tests {
         assert!(dir_bytes(&tmp.path().join("data")) <= 3000);
         cache.put(&keys[4], &[4u8; 5000]);
         assert!(cache.get(&keys[4]).is_none(), "a block larger than the cache is not stored");
+    }
+
+    /// Sizes of the block files (not the staging files, which a rename during the
+    /// listing could show twice), tolerating files removed while listing.
+    fn block_file_bytes(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    #[test]
+    fn concurrent_puts_never_exceed_the_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let cache = std::sync::Arc::new(DataCache::open(&dir, 4 * 1000).unwrap());
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let cache = std::sync::Arc::clone(&cache);
+                std::thread::spawn(move || {
+                    for i in 0..200u64 {
+                        let key = BlockKey::new("s", "k", "e", i * 8 + t);
+                        cache.put(&key, &[t as u8; 1000]);
+                        let _ = cache.get(&BlockKey::new("s", "k", "e", (i * 7 + t) % 1600));
+                    }
+                })
+            })
+            .collect();
+        let mut peak = 0;
+        while !threads.iter().all(|t| t.is_finished()) {
+            peak = peak.max(block_file_bytes(&dir));
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(peak <= 4000, "cache directory peaked at {peak} bytes, above its 4000-byte limit");
+        assert!(cache.used_bytes() <= 4000);
+        assert_eq!(dir_bytes(&dir), cache.used_bytes(), "every file on disk is counted, none left behind");
+        let files = std::fs::read_dir(&dir).unwrap().count() as u64;
+        assert_eq!(files * 1000, cache.used_bytes());
     }
 
     #[test]

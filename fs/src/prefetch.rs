@@ -4,7 +4,11 @@
 //! seen at open as `If-Match`, so one open file never mixes two versions (a changed
 //! object fails with ESTALE instead). While reads are sequential, the read-ahead window
 //! doubles up to [`MAX_WINDOW_BLOCKS`] and the blocks ahead are fetched in parallel. A
-//! random read resets the window and fetches only the blocks it needs. Read-ahead blocks
+//! random read resets the window and fetches only the blocks it needs. Read-ahead is
+//! fetched in runs of half the window (at most [`MAX_RUN_BLOCKS`]) with one range GET
+//! each, so a long sequential stream costs one request per 16 MiB, not one per block.
+//! Objects larger than the data cache bypass it for read-ahead, since such a stream
+//! would only evict itself. Read-ahead blocks
 //! hold permits of one global [`ReadBudget`] (`cache.read_ahead_memory`): invariant,
 //! the memory of read-ahead blocks across all open files stays within that budget, and
 //! read-ahead is skipped while no permit is free.
@@ -21,7 +25,7 @@ use crate::datacache::{BlockKey, DataCache};
 use crate::error::{FsError, FsResult};
 use crate::namespace::object_path;
 
-/// Size of one range request and one data cache block.
+/// Size of one data cache block, and the unit in which range requests are sized.
 pub const BLOCK_BYTES: u64 = 1 << 20;
 
 /// Largest read-ahead window, in blocks.
@@ -29,7 +33,7 @@ pub const MAX_WINDOW_BLOCKS: u64 = 32;
 
 /// Maximum number of consecutive read-ahead blocks fetched by one range GET: fewer,
 /// larger requests cost the server and this process less CPU per byte.
-pub const MAX_RUN_BLOCKS: u64 = 4;
+pub const MAX_RUN_BLOCKS: u64 = 16;
 
 /// The global memory budget of read-ahead, in blocks.
 #[derive(Debug, Clone)]
@@ -158,41 +162,14 @@ impl ObjectReader {
                 .collect();
 
             if sequential {
-                let ahead_end = (last + 1 + state.window_blocks).min(block_count);
-                let mut run_start = last + 1;
-                let mut permits = Vec::new();
-                for index in last + 1..=ahead_end {
-                    let run_ends = index == ahead_end
-                        || state.blocks.contains_key(&index)
-                        || permits.len() as u64 == MAX_RUN_BLOCKS;
-                    if run_ends && !permits.is_empty() {
-                        for (block_index, block) in self.spawn_fetch_run(&state, run_start, std::mem::take(&mut permits)) {
-                            state.blocks.insert(block_index, block);
-                        }
-                    }
-                    if index == ahead_end {
-                        break;
-                    }
-                    if state.blocks.contains_key(&index) {
-                        continue;
-                    }
-                    if permits.is_empty() {
-                        run_start = index;
-                    }
-                    let Some(permit) = self.budget.try_acquire() else { break };
-                    permits.push(Some(permit));
-                }
-                if !permits.is_empty() {
-                    for (block_index, block) in self.spawn_fetch_run(&state, run_start, permits) {
-                        state.blocks.insert(block_index, block);
-                    }
-                }
+                self.read_ahead(&mut state, last, block_count);
             }
             state.next_offset = end;
             wanted
         };
 
-        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        let single_block = wanted.len() == 1;
+        let mut out = BytesMut::new();
         for (position, block) in wanted.into_iter().enumerate() {
             let index = first + position as u64;
             let data = match block.await {
@@ -209,16 +186,68 @@ impl ObjectReader {
             if from > to {
                 return Err(FsError::io(format!("short block {index} of {}", self.space)));
             }
+            if single_block {
+                // No copy: the reply is a slice of the fetched block.
+                self.forget_consumed(end);
+                return Ok(data.slice(from..to));
+            }
+            if out.capacity() == 0 {
+                out.reserve((end - offset) as usize);
+            }
             out.extend_from_slice(&data[from..to]);
         }
 
-        {
-            // Blocks fully consumed by this read are no longer needed in memory.
-            let mut state = self.lock();
-            let keep_from = end / BLOCK_BYTES;
-            state.blocks.retain(|&index, _| index >= keep_from);
-        }
+        self.forget_consumed(end);
         Ok(out.freeze())
+    }
+
+    /// Drops the blocks fully consumed by a read that ended at `end`.
+    fn forget_consumed(&self, end: u64) {
+        let keep_from = end / BLOCK_BYTES;
+        self.lock().blocks.retain(|&index, _| index >= keep_from);
+    }
+
+    /// Starts range GETs for the missing blocks of the window after block `last`.
+    ///
+    /// A run of missing blocks at the far end of the window is fetched only once it
+    /// has its full length (half the window, at most [`MAX_RUN_BLOCKS`]), or reaches
+    /// the end of the object, or the budget has no more permits; otherwise it waits for
+    /// the next read to grow it. Gaps between blocks already present cannot grow and
+    /// are fetched at once.
+    fn read_ahead(&self, state: &mut ReadState, last: u64, block_count: u64) {
+        let ahead_end = (last + 1 + state.window_blocks).min(block_count);
+        let full_run = (state.window_blocks / 2).clamp(1, MAX_RUN_BLOCKS);
+        let mut index = last + 1;
+        while index < ahead_end {
+            if state.blocks.contains_key(&index) {
+                index += 1;
+                continue;
+            }
+            let run_start = index;
+            let mut run_end = index;
+            while run_end < ahead_end && run_end - run_start < full_run && !state.blocks.contains_key(&run_end) {
+                run_end += 1;
+            }
+            let open_ended = run_end == ahead_end && ahead_end < block_count;
+            if open_ended && run_end - run_start < full_run {
+                return;
+            }
+            let mut permits = Vec::new();
+            for _ in run_start..run_end {
+                let Some(permit) = self.budget.try_acquire() else { break };
+                permits.push(Some(permit));
+            }
+            let exhausted = (permits.len() as u64) < run_end - run_start;
+            if !permits.is_empty() {
+                for (block_index, block) in self.spawn_fetch_run(state, run_start, permits) {
+                    state.blocks.insert(block_index, block);
+                }
+            }
+            if exhausted {
+                return;
+            }
+            index = run_end;
+        }
     }
 
     fn spawn_fetch(&self, state: &ReadState, index: u64, permit: Option<OwnedSemaphorePermit>) -> PendingBlock {
@@ -237,6 +266,7 @@ impl ObjectReader {
             count: permits.len() as u64,
             object_size: self.size,
             cache: self.cache.clone(),
+            store_in_cache: permits.iter().any(Option::is_none) || self.cache.as_ref().is_some_and(|cache| self.size <= cache.max_size_bytes()),
         };
         let task = tokio::spawn(request.fetch());
         let run = async move {
@@ -270,6 +300,9 @@ struct BlockRequest {
     count: u64,
     object_size: u64,
     cache: Option<Arc<DataCache>>,
+    /// Whether fetched blocks go to the data cache: demand reads always, read-ahead
+    /// only for objects that fit in the cache.
+    store_in_cache: bool,
 }
 
 impl BlockRequest {
@@ -326,20 +359,26 @@ impl BlockRequest {
         }
 
         let mut blocks = Vec::with_capacity(indexes.len());
+        let mut to_store = Vec::new();
         for &index in &indexes {
             let range = self.block_range(index);
             let block = data.slice((range.start - start) as usize..(range.end - start) as usize);
-            if let (Some(cache), Some(cache_key)) = (&self.cache, self.cache_key(index)) {
+            if let (true, Some(cache), Some(cache_key)) = (self.store_in_cache, &self.cache, self.cache_key(index)) {
                 if let Some(permit) = cache.try_reserve_write() {
-                    let cache = Arc::clone(cache);
-                    let stored = block.clone();
-                    tokio::task::spawn_blocking(move || {
-                        cache.put(&cache_key, &stored);
-                        drop(permit);
-                    });
+                    to_store.push((cache_key, block.clone(), permit));
                 }
             }
             blocks.push(block);
+        }
+        if let (false, Some(cache)) = (to_store.is_empty(), &self.cache) {
+            // Written off the read path; each block's slot frees once it is on disk.
+            let cache = Arc::clone(cache);
+            tokio::task::spawn_blocking(move || {
+                for (cache_key, block, permit) in to_store {
+                    cache.put(&cache_key, &block);
+                    drop(permit);
+                }
+            });
         }
         Ok(blocks)
     }
@@ -356,6 +395,130 @@ mod tests {
         let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         let put = store.put(&"obj".into(), PutPayload::from(data.clone())).await.unwrap();
         (store, data, put.e_tag)
+    }
+
+    /// Counts the GETs sent to an in-memory store and the largest range asked for.
+    #[derive(Debug, Default)]
+    struct CountingStore {
+        inner: InMemory,
+        gets: std::sync::atomic::AtomicU64,
+        largest_range: std::sync::atomic::AtomicU64,
+    }
+
+    impl std::fmt::Display for CountingStore {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "CountingStore")
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl ObjectStore for CountingStore {
+        async fn put_opts(&self, location: &object_store::path::Path, payload: PutPayload, opts: object_store::PutOptions) -> object_store::Result<object_store::PutResult> {
+            self.inner.put_opts(location, payload, opts).await
+        }
+
+        async fn put_multipart_opts(&self, location: &object_store::path::Path, opts: object_store::PutMultipartOptions) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+            self.inner.put_multipart_opts(location, opts).await
+        }
+
+        async fn get_opts(&self, location: &object_store::path::Path, options: GetOptions) -> object_store::Result<object_store::GetResult> {
+            use std::sync::atomic::Ordering;
+            self.gets.fetch_add(1, Ordering::SeqCst);
+            if let Some(GetRange::Bounded(range)) = &options.range {
+                self.largest_range.fetch_max(range.end - range.start, Ordering::SeqCst);
+            }
+            self.inner.get_opts(location, options).await
+        }
+
+        fn delete_stream(&self, locations: futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>>) -> futures::stream::BoxStream<'static, object_store::Result<object_store::path::Path>> {
+            self.inner.delete_stream(locations)
+        }
+
+        fn list(&self, prefix: Option<&object_store::path::Path>) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+            self.inner.list(prefix)
+        }
+
+        async fn list_with_delimiter(&self, prefix: Option<&object_store::path::Path>) -> object_store::Result<object_store::ListResult> {
+            self.inner.list_with_delimiter(prefix).await
+        }
+
+        async fn copy_opts(&self, from: &object_store::path::Path, to: &object_store::path::Path, options: object_store::CopyOptions) -> object_store::Result<()> {
+            self.inner.copy_opts(from, to, options).await
+        }
+    }
+
+    async fn counted_object(size: usize) -> (Arc<CountingStore>, Vec<u8>, Option<String>) {
+        let store = Arc::new(CountingStore::default());
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let put = store.put(&"obj".into(), PutPayload::from(data.clone())).await.unwrap();
+        (store, data, put.e_tag)
+    }
+
+    async fn read_sequentially(reader: &ObjectReader, chunk: u32) -> Vec<u8> {
+        let mut offset = 0u64;
+        let mut out = Vec::new();
+        loop {
+            let data = reader.read(offset, chunk).await.unwrap();
+            if data.is_empty() {
+                return out;
+            }
+            offset += data.len() as u64;
+            out.extend_from_slice(&data);
+        }
+    }
+
+    #[tokio::test]
+    async fn long_sequential_read_uses_few_large_gets() {
+        let (store, data, etag) = counted_object(256 * BLOCK_BYTES as usize).await;
+        let reader = ObjectReader::new(store.clone(), "s", "obj", etag, data.len() as u64, None, ReadBudget::new(64 << 20));
+        assert!(read_sequentially(&reader, 1 << 20).await == data);
+        let gets = store.gets.load(std::sync::atomic::Ordering::SeqCst);
+        // Runs grow 1, 1, 2, 4, 8 blocks while the window opens, then 16 blocks each.
+        assert!(gets <= 256 / MAX_RUN_BLOCKS + 8, "{gets} GETs for 256 blocks");
+        assert_eq!(store.largest_range.load(std::sync::atomic::Ordering::SeqCst), MAX_RUN_BLOCKS * BLOCK_BYTES);
+    }
+
+    #[tokio::test]
+    async fn small_kernel_reads_still_batch_gets() {
+        let (store, data, etag) = counted_object(64 * BLOCK_BYTES as usize + 77).await;
+        let reader = ObjectReader::new(store.clone(), "s", "obj", etag, data.len() as u64, None, ReadBudget::new(64 << 20));
+        assert!(read_sequentially(&reader, 128 * 1024).await == data);
+        let gets = store.gets.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(gets <= 64 / MAX_RUN_BLOCKS + 8, "{gets} GETs for 65 blocks");
+    }
+
+    #[tokio::test]
+    async fn small_budget_limits_run_length() {
+        let (store, data, etag) = counted_object(40 * BLOCK_BYTES as usize).await;
+        let budget = ReadBudget::new(3 * BLOCK_BYTES);
+        let reader = ObjectReader::new(store.clone(), "s", "obj", etag, data.len() as u64, None, budget.clone());
+        assert!(read_sequentially(&reader, 1 << 20).await == data);
+        assert!(store.largest_range.load(std::sync::atomic::Ordering::SeqCst) <= 3 * BLOCK_BYTES);
+        drop(reader);
+        assert_eq!(budget.available_blocks(), 3);
+    }
+
+    #[tokio::test]
+    async fn read_ahead_of_object_larger_than_cache_bypasses_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = Arc::new(DataCache::open(tmp.path(), 4 * BLOCK_BYTES).unwrap());
+        let (store, data, etag) = counted_object(16 * BLOCK_BYTES as usize).await;
+        let reader = ObjectReader::new(store.clone(), "s", "obj", etag.clone(), data.len() as u64, Some(Arc::clone(&cache)), ReadBudget::new(64 << 20));
+        assert!(read_sequentially(&reader, 1 << 20).await == data);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(cache.used_bytes() <= BLOCK_BYTES, "only the first block (a demand read) is cached");
+
+        let random = ObjectReader::new(store, "s", "obj", etag, data.len() as u64, Some(Arc::clone(&cache)), ReadBudget::new(64 << 20));
+        let offset = 9 * BLOCK_BYTES + 10;
+        assert_eq!(&random.read(offset, 100).await.unwrap()[..], &data[offset as usize..offset as usize + 100]);
+        for _ in 0..50 {
+            if cache.used_bytes() >= 2 * BLOCK_BYTES {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(cache.used_bytes() >= BLOCK_BYTES, "random reads are still cached");
+        assert!(cache.used_bytes() <= 4 * BLOCK_BYTES);
     }
 
     #[tokio::test]
