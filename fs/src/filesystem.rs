@@ -30,8 +30,9 @@ use crate::staging::{BaseObject, StagingSettings};
 use crate::upload::UploadSettings;
 use crate::write::Writer;
 
-/// HEAD requests in flight at once when reading the POSIX metadata of a listing.
-const META_HEAD_CONCURRENCY: usize = 16;
+/// Background HEAD requests in flight at once, over all listings, when reading the
+/// POSIX metadata of listed files.
+const META_HEAD_CONCURRENCY: usize = 32;
 
 /// Minimum time between two background HEADs of the same key after listings.
 const META_HEAD_REPEAT: Duration = Duration::from_secs(30);
@@ -141,6 +142,8 @@ pub struct DatanetFs {
     /// Mode, owner and mtime of S3 directories, kept on their markers.
     dir_meta: DirMeta,
     next_fh: AtomicU64,
+    /// Permits for the background HEADs that follow listings.
+    meta_heads: Arc<tokio::sync::Semaphore>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -193,6 +196,7 @@ impl DatanetFs {
             opened_etags: Mutex::new(HashMap::new()),
             dir_meta: DirMeta::new(cache.metadata_ttl),
             next_fh: AtomicU64::new(1),
+            meta_heads: Arc::new(tokio::sync::Semaphore::new(META_HEAD_CONCURRENCY)),
         })
     }
 
@@ -262,11 +266,7 @@ impl DatanetFs {
             if !(need_meta && meta_unknown) {
                 return Ok(entry);
             }
-            let handle = &self.spaces[space];
-            let fresh = namespace::head_file(handle, key).await?;
-            if let Entry::File(stat) = &fresh {
-                self.meta.remember_meta(space, key, stat);
-            }
+            let fresh = self.head_shared(space, key).await?;
             if fresh != Entry::Missing {
                 self.meta.insert_entry(space, key, fresh.clone());
                 return Ok(fresh);
@@ -274,12 +274,22 @@ impl DatanetFs {
         }
 
         let handle = &self.spaces[space];
+        let requested_at = std::time::Instant::now();
         let entry = namespace::resolve(handle, key).await?;
         if let Entry::File(stat) = &entry {
-            self.meta.remember_meta(space, key, stat);
+            self.meta.remember_meta_from(space, key, stat, requested_at);
         }
         self.meta.insert_entry(space, key, entry.clone());
         Ok(entry)
+    }
+
+    /// HEADs `key`, sharing the request with any HEAD of the same key in flight.
+    async fn head_shared(&self, space: usize, key: &str) -> FsResult<Entry> {
+        let handle = Arc::clone(&self.spaces[space]);
+        let owned = key.to_string();
+        self.meta
+            .head_once(space, key, async move { namespace::head_file(&handle, &owned).await })
+            .await
     }
 
     fn root_attr(&self) -> Attr {
@@ -430,7 +440,8 @@ impl DatanetFs {
         let listing = Arc::new(entries);
         let listing = self.meta.insert_listing_at(space, dir, listing, requested_at);
         if !unknown.is_empty() && unknown.len() <= META_HEAD_MAX_FILES {
-            tokio::spawn(read_listed_meta(Arc::clone(&self.spaces[space]), self.meta.clone(), space, unknown));
+            let permits = Arc::clone(&self.meta_heads);
+            tokio::spawn(read_listed_meta(Arc::clone(&self.spaces[space]), self.meta.clone(), permits, space, unknown));
         }
         Ok(listing)
     }
@@ -1451,9 +1462,18 @@ impl DatanetFs {
     }
 }
 
-/// Reads the POSIX metadata of listed files in the background (HEAD requests, a few at
-/// a time), so that the `stat` calls that follow a readdir find it in the cache.
-async fn read_listed_meta(handle: Arc<SpaceHandle>, cache: MetaCache, space: usize, keys: Vec<String>) {
+/// Reads the POSIX metadata of listed files in the background (HEAD requests, at most
+/// [`META_HEAD_CONCURRENCY`] over all listings), so that the `stat` calls that follow a
+/// readdir find it in the cache. A key whose HEAD is in flight (for a lookup) is
+/// joined, one headed meanwhile is skipped, and a cached entry of the same version is
+/// refreshed so that it lives one TTL from its HEAD.
+async fn read_listed_meta(
+    handle: Arc<SpaceHandle>,
+    cache: MetaCache,
+    permits: Arc<tokio::sync::Semaphore>,
+    space: usize,
+    keys: Vec<String>,
+) {
     use futures::StreamExt;
 
     let started = std::time::Instant::now();
@@ -1462,9 +1482,17 @@ async fn read_listed_meta(handle: Arc<SpaceHandle>, cache: MetaCache, space: usi
         .for_each_concurrent(META_HEAD_CONCURRENCY, |key| {
             let handle = Arc::clone(&handle);
             let cache = cache.clone();
+            let permits = Arc::clone(&permits);
             async move {
-                match namespace::head_file(&handle, &key).await {
-                    Ok(Entry::File(stat)) => cache.remember_meta(space, &key, &stat),
+                let Ok(_permit) = permits.acquire_owned().await else { return };
+                if cache.recently_headed(space, &key, META_HEAD_REPEAT) {
+                    return;
+                }
+                let requested_at = std::time::Instant::now();
+                let owned = key.clone();
+                let head = async move { namespace::head_file(&handle, &owned).await };
+                match cache.head_once(space, &key, head).await {
+                    Ok(Entry::File(stat)) => cache.refresh_entry(space, &key, &stat, requested_at),
                     Ok(_) => {}
                     Err(err) => tracing::debug!(key = %key, error = %err, "metadata read-ahead failed"),
                 }

@@ -1,15 +1,24 @@
-//! The metadata cache: attributes of keys, negative entries and directory listings.
+//! The metadata cache: attributes of keys, negative entries, directory listings, and the
+//! HEAD requests in flight.
 //!
 //! Every entry expires after `cache.metadata_ttl`; a TTL of zero disables the cache.
 //! Invariant: only a definite response of the store is cached. A "missing" entry is
 //! inserted only after the store said "not found" (never after a throttled or failed
 //! request), and changes made through this mount update or drop the entries they touch.
+//! At most one HEAD per key is in flight, and later callers share its result. The result
+//! of a HEAD that started before this mount changed the key is not remembered.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::future::{BoxFuture, FutureExt, Shared};
+use moka::ops::compute::Op;
 use moka::sync::Cache;
+
+use crate::error::{FsError, FsResult};
 
 use crate::inode::Kind;
 use crate::posix_meta::PosixMeta;
@@ -85,6 +94,24 @@ pub type Listing = Arc<Vec<DirEntry>>;
 
 type CacheKey = (usize, String);
 
+/// One HEAD in flight, shared by every caller that asks for the same key meanwhile.
+type SharedHead = Shared<BoxFuture<'static, FsResult<Entry>>>;
+
+/// How long a change made through this mount is remembered, so that the results of
+/// HEADs that started before it are rejected. Longer than a request with its retries.
+const FORGET_MEMORY: Duration = Duration::from_secs(600);
+
+/// True when two last-modified times fall in the same second: listings carry
+/// milliseconds, while a HEAD's `Last-Modified` header has whole seconds.
+fn same_second(a: SystemTime, b: SystemTime) -> bool {
+    let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).ok();
+    secs(a) == secs(b)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// POSIX metadata of one object version, identified by ETag and last-modified time.
 #[derive(Debug, Clone)]
 struct KnownMeta {
@@ -111,6 +138,12 @@ pub struct MetaCache {
     /// whose request started before a change completed still shows it. The lock also
     /// makes each listing patch atomic.
     local_changes: Arc<std::sync::Mutex<HashMap<CacheKey, Vec<LocalChange>>>>,
+    /// When this mount last changed each key, so that the result of a HEAD that started
+    /// earlier is not remembered.
+    forgotten: Cache<CacheKey, Instant>,
+    /// HEADs in flight, each with the id that lets only its own task remove it.
+    in_flight: Arc<Mutex<HashMap<CacheKey, (u64, SharedHead)>>>,
+    next_head: Arc<AtomicU64>,
 }
 
 /// One directory entry added, replaced or removed through this mount.
@@ -137,6 +170,7 @@ impl MetaCache {
     pub fn new(ttl: Duration) -> Self {
         let posix = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(POSIX_META_TTL).build();
         let recent_listings = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(RECENT_LISTING_TTL).build();
+        let forgotten = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(FORGET_MEMORY).build();
         if ttl.is_zero() {
             return MetaCache {
                 entries: None,
@@ -145,6 +179,9 @@ impl MetaCache {
                 posix,
                 recent_listings,
                 local_changes: Arc::default(),
+                forgotten,
+                in_flight: Arc::default(),
+                next_head: Arc::default(),
             };
         }
         let entries = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(ttl).build();
@@ -160,7 +197,91 @@ impl MetaCache {
             posix,
             recent_listings,
             local_changes: Arc::default(),
+            forgotten,
+            in_flight: Arc::default(),
+            next_head: Arc::default(),
         }
+    }
+
+    /// HEADs `key` with `head`, or joins the HEAD of `key` already in flight. The
+    /// request runs in its own task, so it completes even if every caller goes away.
+    /// Its decoded metadata is remembered before any caller sees the result.
+    pub async fn head_once<F>(&self, space: usize, key: &str, head: F) -> FsResult<Entry>
+    where
+        F: Future<Output = FsResult<Entry>> + Send + 'static,
+    {
+        let cache_key = (space, key.to_string());
+        let shared = {
+            let mut in_flight = lock(&self.in_flight);
+            match in_flight.get(&cache_key) {
+                Some((_, shared)) => shared.clone(),
+                None => {
+                    let id = self.next_head.fetch_add(1, Ordering::Relaxed);
+                    let cache = self.clone();
+                    let task_key = cache_key.clone();
+                    let requested_at = Instant::now();
+                    let task = tokio::spawn(async move {
+                        let result = head.await;
+                        if let Ok(Entry::File(stat)) = &result {
+                            cache.remember_meta_from(task_key.0, &task_key.1, stat, requested_at);
+                        }
+                        let mut in_flight = lock(&cache.in_flight);
+                        if in_flight.get(&task_key).is_some_and(|(current, _)| *current == id) {
+                            in_flight.remove(&task_key);
+                        }
+                        result
+                    });
+                    let shared = async move {
+                        task.await
+                            .unwrap_or_else(|err| Err(FsError::io(format!("metadata request failed: {err}"))))
+                    }
+                    .boxed()
+                    .shared();
+                    in_flight.insert(cache_key, (id, shared.clone()));
+                    shared
+                }
+            }
+        };
+        shared.await
+    }
+
+    /// True when this mount changed `key` at or after `requested_at`.
+    fn changed_since(&self, space: usize, key: &str, requested_at: Instant) -> bool {
+        self.forgotten
+            .get(&(space, key.to_string()))
+            .is_some_and(|changed_at| changed_at >= requested_at)
+    }
+
+    /// Remembers the metadata of a HEAD that started at `requested_at`, unless this
+    /// mount changed the key since.
+    pub fn remember_meta_from(&self, space: usize, key: &str, stat: &FileStat, requested_at: Instant) {
+        if !self.changed_since(space, key, requested_at) {
+            self.remember_meta(space, key, stat);
+        }
+    }
+
+    /// Replaces the cached entry of `key` with the attributes of a HEAD that started at
+    /// `requested_at`, when the cached entry shows the same object version. The entry
+    /// then lives one TTL from now. Nothing happens when the entry is gone, shows
+    /// another version, or this mount changed the key since the request started.
+    pub fn refresh_entry(&self, space: usize, key: &str, stat: &FileStat, requested_at: Instant) {
+        let Some(cache) = &self.entries else { return };
+        if self.changed_since(space, key, requested_at) {
+            return;
+        }
+        cache.entry((space, key.to_string())).and_compute_with(|current| {
+            let same = match current.as_ref().map(|c| c.value()) {
+                Some(Entry::File(cached)) => {
+                    cached.etag == stat.etag && cached.size == stat.size && same_second(cached.mtime, stat.mtime)
+                }
+                _ => false,
+            };
+            if same {
+                Op::Put(Entry::File(stat.clone()))
+            } else {
+                Op::Nop
+            }
+        });
     }
 
     /// Remembers the decoded metadata of a HEAD result (`stat.mtime` is the object's
@@ -180,14 +301,17 @@ impl MetaCache {
     /// Drops remembered metadata of `key` after this mount changed the object: a
     /// rewrite within the same second keeps both the ETag and the last-modified time.
     pub fn forget_meta(&self, space: usize, key: &str) {
-        self.posix.invalidate(&(space, key.to_string()));
+        let cache_key = (space, key.to_string());
+        self.forgotten.insert(cache_key.clone(), Instant::now());
+        self.posix.invalidate(&cache_key);
+        lock(&self.in_flight).remove(&cache_key);
     }
 
     /// The metadata of the object version that a listing entry shows, if a HEAD of that
     /// same version decoded it before.
     pub fn known_meta(&self, space: usize, key: &str, stat: &FileStat) -> Option<Arc<PosixMeta>> {
         let known = self.posix.get(&(space, key.to_string()))?;
-        let same_version = known.etag == stat.etag && known.last_modified == stat.mtime;
+        let same_version = known.etag == stat.etag && same_second(known.last_modified, stat.mtime);
         same_version.then_some(known.meta)
     }
 
@@ -257,7 +381,11 @@ impl MetaCache {
                 // A listing carries no metadata: keep a cached entry of the same version
                 // that has it (it may say that the object is a symlink).
                 if let (Entry::File(listed), Some(Entry::File(cached))) = (&entry, entries.get(&(space, key.clone()))) {
-                    if listed.meta.is_none() && cached.meta.is_some() && cached.etag == listed.etag {
+                    if listed.meta.is_none()
+                        && cached.meta.is_some()
+                        && cached.etag == listed.etag
+                        && same_second(cached.mtime, listed.mtime)
+                    {
                         continue;
                     }
                 }
@@ -363,6 +491,56 @@ mod tests {
         let mut rewritten = stat(3);
         rewritten.mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
         assert!(cache.known_meta(0, "f", &rewritten).is_none());
+    }
+
+    #[test]
+    fn known_meta_ignores_listing_milliseconds() {
+        let cache = MetaCache::new(Duration::from_secs(60));
+        let mut headed = stat(3);
+        headed.mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(7);
+        headed.meta = Some(Arc::new(PosixMeta { mode: Some(0o100600), ..PosixMeta::default() }));
+        cache.remember_meta(0, "f", &headed);
+        let mut listed = stat(3);
+        listed.mtime = SystemTime::UNIX_EPOCH + Duration::from_millis(7_015);
+        assert!(cache.known_meta(0, "f", &listed).is_some(), "a HEAD has whole seconds, a listing milliseconds");
+    }
+
+    #[tokio::test]
+    async fn concurrent_heads_share_one_request() {
+        let cache = MetaCache::new(Duration::from_secs(60));
+        let sent = Arc::new(AtomicU64::new(0));
+        let head = |sent: Arc<AtomicU64>| async move {
+            sent.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut headed = stat(3);
+            headed.meta = Some(Arc::new(PosixMeta::default()));
+            Ok(Entry::File(headed))
+        };
+        let (a, b) = tokio::join!(
+            cache.head_once(0, "k", head(Arc::clone(&sent))),
+            cache.head_once(0, "k", head(Arc::clone(&sent)))
+        );
+        assert_eq!(a.unwrap(), b.unwrap());
+        assert_eq!(sent.load(Ordering::SeqCst), 1, "the second caller joined the first request");
+        assert!(cache.recently_headed(0, "k", Duration::from_secs(1)));
+        cache.head_once(0, "k", head(Arc::clone(&sent))).await.unwrap();
+        assert_eq!(sent.load(Ordering::SeqCst), 2, "a finished request is not reused");
+    }
+
+    #[tokio::test]
+    async fn head_started_before_a_change_is_not_remembered() {
+        let cache = MetaCache::new(Duration::from_secs(60));
+        cache.insert_entry(0, "k", Entry::File(stat(3)));
+        let requested_at = Instant::now();
+        cache.forget_meta(0, "k");
+        let mut headed = stat(3);
+        headed.meta = Some(Arc::new(PosixMeta { mode: Some(0o100600), ..PosixMeta::default() }));
+        cache.remember_meta_from(0, "k", &headed, requested_at);
+        cache.refresh_entry(0, "k", &headed, requested_at);
+        assert!(cache.known_meta(0, "k", &stat(3)).is_none());
+        assert_eq!(cache.entry(0, "k"), Some(Entry::File(stat(3))));
+        cache.refresh_entry(0, "k", &headed, Instant::now());
+        assert_eq!(cache.entry(0, "k"), Some(Entry::File(headed)), "a later HEAD refreshes the same version");
     }
 
     #[test]
