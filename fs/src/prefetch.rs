@@ -35,6 +35,10 @@ pub const MAX_WINDOW_BLOCKS: u64 = 32;
 /// larger requests cost the server and this process less CPU per byte.
 pub const MAX_RUN_BLOCKS: u64 = 16;
 
+/// Blocks kept behind the head of a sequential stream, and how far behind the head a
+/// read still counts as sequential.
+const KEEP_BEHIND_BLOCKS: u64 = 4;
+
 /// The global memory budget of read-ahead, in blocks.
 #[derive(Debug, Clone)]
 pub struct ReadBudget {
@@ -140,16 +144,20 @@ impl ObjectReader {
 
         let wanted: Vec<BlockFuture> = {
             let mut state = self.lock();
-            let sequential = offset == state.next_offset || state.blocks.contains_key(&first);
+            // The kernel sends the reads of one sequential stream in parallel, so they
+            // can arrive slightly out of order: a read just behind the head of the stream
+            // or within the window ahead of it still counts as sequential.
+            let head = state.next_offset;
+            let near_head = offset + KEEP_BEHIND_BLOCKS * BLOCK_BYTES >= head && offset <= head + state.window_blocks * BLOCK_BYTES;
+            let sequential = near_head || state.blocks.contains_key(&first);
             if sequential {
-                if offset == state.next_offset && offset != 0 {
+                if offset >= head && offset != 0 {
                     state.window_blocks = (state.window_blocks * 2).min(MAX_WINDOW_BLOCKS);
                 }
             } else {
                 state.window_blocks = 1;
                 state.blocks.retain(|&index, _| index >= first && index <= last + 1);
             }
-            state.blocks.retain(|&index, _| index >= first);
 
             let wanted = (first..=last)
                 .map(|index| {
@@ -164,7 +172,7 @@ impl ObjectReader {
             if sequential {
                 self.read_ahead(&mut state, last, block_count);
             }
-            state.next_offset = end;
+            state.next_offset = if sequential { head.max(end) } else { end };
             wanted
         };
 
@@ -188,7 +196,7 @@ impl ObjectReader {
             }
             if single_block {
                 // No copy: the reply is a slice of the fetched block.
-                self.forget_consumed(end);
+                self.forget_consumed();
                 return Ok(data.slice(from..to));
             }
             if out.capacity() == 0 {
@@ -197,14 +205,16 @@ impl ObjectReader {
             out.extend_from_slice(&data[from..to]);
         }
 
-        self.forget_consumed(end);
+        self.forget_consumed();
         Ok(out.freeze())
     }
 
-    /// Drops the blocks fully consumed by a read that ended at `end`.
-    fn forget_consumed(&self, end: u64) {
-        let keep_from = end / BLOCK_BYTES;
-        self.lock().blocks.retain(|&index, _| index >= keep_from);
+    /// Drops the blocks behind the head of the stream, keeping [`KEEP_BEHIND_BLOCKS`]
+    /// for reads that arrive out of order.
+    fn forget_consumed(&self) {
+        let mut state = self.lock();
+        let keep_from = (state.next_offset / BLOCK_BYTES).saturating_sub(KEEP_BEHIND_BLOCKS);
+        state.blocks.retain(|&index, _| index >= keep_from);
     }
 
     /// Starts range GETs for the missing blocks of the window after block `last`.
@@ -485,6 +495,22 @@ mod tests {
         assert!(read_sequentially(&reader, 128 * 1024).await == data);
         let gets = store.gets.load(std::sync::atomic::Ordering::SeqCst);
         assert!(gets <= 64 / MAX_RUN_BLOCKS + 8, "{gets} GETs for 65 blocks");
+    }
+
+    #[tokio::test]
+    async fn reordered_reads_stay_sequential() {
+        let (store, data, etag) = counted_object(128 * BLOCK_BYTES as usize).await;
+        let reader = ObjectReader::new(store.clone(), "s", "obj", etag, data.len() as u64, None, ReadBudget::new(64 << 20));
+        // Pairs of 1 MiB reads swapped, as parallel kernel requests may arrive.
+        for pair in 0..64u64 {
+            for index in [pair * 2 + 1, pair * 2] {
+                let offset = index * BLOCK_BYTES;
+                let chunk = reader.read(offset, 1 << 20).await.unwrap();
+                assert!(chunk[..] == data[offset as usize..(offset + BLOCK_BYTES) as usize]);
+            }
+        }
+        let gets = store.gets.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(gets <= 128 / MAX_RUN_BLOCKS + 8, "{gets} GETs for 128 blocks read out of order");
     }
 
     #[tokio::test]
