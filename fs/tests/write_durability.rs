@@ -175,7 +175,10 @@ fn interrupted_copy_keeps_prefix() {
 
     // After 24 chunks the copy stalls, so the interrupt lands mid-transfer however
     // slowly this test thread reads the progress lines on a loaded machine.
-    let script = "import sys, time\nsrc = open(sys.argv[1], 'rb'); dst = open(sys.argv[2], 'wb')\nn = 0\n\
+    // SIGINT is restored to its default action: a test run started from a background
+    // shell inherits it ignored, and the interrupt would then be lost.
+    let script = "import signal, sys, time\nsignal.signal(signal.SIGINT, signal.SIG_DFL)\n\
+                  src = open(sys.argv[1], 'rb'); dst = open(sys.argv[2], 'wb')\nn = 0\n\
                   while True:\n    chunk = src.read(1 << 20)\n    if not chunk: break\n    dst.write(chunk); dst.flush(); n += 1\n    print('chunk', flush=True)\n    time.sleep(0.05 if n < 24 else 60)\n";
     let mut child = Command::new("python3")
         .args(["-c", script])
