@@ -284,20 +284,16 @@ impl Ledger {
 
 /// Creates a new job id: UTC date and time plus random hex, e.g. `20261204-223015-7f3a9c`.
 pub fn new_job_id() -> String {
-    let seconds = now_seconds();
-    let (days, rest) = (seconds / 86_400, seconds % 86_400);
-    let (year, month, day) = civil_from_days(days as i64);
     let mut random = [0u8; 3];
     if let Ok(mut file) = File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut file, &mut random);
     }
-    format!(
-        "{year:04}{month:02}{day:02}-{:02}{:02}{:02}-{}",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60,
-        hex::encode(random)
-    )
+    format_job_id(SystemTime::now(), random)
+}
+
+fn format_job_id(time: SystemTime, random: [u8; 3]) -> String {
+    let time = chrono::DateTime::<chrono::Utc>::from(time).format("%Y%m%d-%H%M%S");
+    format!("{time}-{}", hex::encode(random))
 }
 
 /// True for strings shaped like the ids that [`new_job_id`] creates.
@@ -305,29 +301,14 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
-/// Converts days since 1970-01-01 to a (year, month, day) date in the Gregorian calendar
-/// (Howard Hinnant's `civil_from_days` algorithm).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn dates_convert() {
-        assert_eq!(civil_from_days(0), (1970, 1, 1));
-        assert_eq!(civil_from_days(20_792), (2026, 12, 5));
+    fn ids_start_with_utc_time() {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_423_415);
+        assert_eq!(format_job_id(time, [0x7f, 0x3a, 0x9c]), "20261204-223015-7f3a9c");
     }
 
     #[test]
