@@ -4,7 +4,7 @@
 //! `DATANET_CONFIG`) lists the storage spaces, the cache, the Slurm clusters and the
 //! Samba settings. Loading validates everything up front, and every error names the
 //! key, the bad value and what to write instead. Secrets are never stored here: the
-//! file only says where to read them from (an environment variable or a 0600 file).
+//! file only names where to read them from (an environment variable or a 0600 file).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,7 +21,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/datanet/datanet.toml";
 /// The environment variable that overrides [`DEFAULT_CONFIG_PATH`].
 pub const CONFIG_ENV: &str = "DATANET_CONFIG";
 
-/// Longest space name; it becomes one directory name under the mount root.
+/// Maximum length of a space name, which becomes one directory name under the mount root.
 const MAX_SPACE_NAME_BYTES: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
@@ -71,7 +71,7 @@ pub struct Config {
     pub samba: Option<SambaConfig>,
 }
 
-/// Where a space's objects live.
+/// Location of a space's objects.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SpaceLocation {
     /// `s3://bucket/prefix`: an S3-compatible bucket, optionally below a key prefix.
@@ -82,7 +82,7 @@ pub enum SpaceLocation {
     Memory,
 }
 
-/// Where to read one secret value from.
+/// Source of one secret value.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SecretSource {
     /// The value of an environment variable.

@@ -1,7 +1,7 @@
 //! The datanet filesystem, independent of the FUSE library.
 //!
 //! [`DatanetFs`] implements every operation as an async method on inode numbers and
-//! returns [`FsError`] with the errno to report; `crate::fuse` only translates requests
+//! returns [`FsError`] with the errno to report. `crate::fuse` only translates requests
 //! and replies, so everything here runs in unit tests without a kernel mount. The mount
 //! root (inode 1) lists the spaces and is read-only; `/<space>/<key>` is the object
 //! `<key>` of that space.
@@ -131,7 +131,7 @@ pub struct DatanetFs {
     /// The write-back journal. Always open, so that entries left by an earlier process
     /// are uploaded; files are recorded in it only when `cache.write_back_delay` > 0.
     journal: Arc<Journal>,
-    /// Inodes of closed files whose content waits in the journal; each holds one open
+    /// Inodes of closed files whose content waits in the journal. Each keeps one open
     /// count in the inode table.
     journal_pins: Mutex<std::collections::HashSet<u64>>,
     files: Mutex<HashMap<u64, OpenFile>>,
@@ -200,7 +200,7 @@ impl DatanetFs {
         })
     }
 
-    /// How long the kernel may cache attributes and entries.
+    /// Returns how long the kernel may cache attributes and entries.
     pub fn ttl(&self) -> Duration {
         self.ttl
     }
@@ -217,7 +217,7 @@ impl DatanetFs {
             .ok_or_else(|| FsError::new(libc::ESTALE, format!("unknown inode {ino}")))
     }
 
-    /// The space and key of a directory inode.
+    /// Returns the space and key of a directory inode.
     fn dir_target(&self, ino: u64) -> FsResult<(usize, String)> {
         match self.target(ino)? {
             Target::Root => Err(FsError::new(libc::EACCES, "the mount root lists the spaces and is read-only")),
@@ -230,8 +230,8 @@ impl DatanetFs {
         lock(&self.writers).get(&ino).cloned()
     }
 
-    /// What `key` is: a pending writer, the metadata cache, a cached listing of its
-    /// directory, or the store.
+    /// Looks up what `key` is, asking in order a pending writer, the metadata cache, a
+    /// cached listing of its directory, and the store.
     async fn entry(&self, space: usize, key: &str, need_meta: bool) -> FsResult<Entry> {
         if let Some(ino) = self.inodes.peek(space, key) {
             if let Some(writer) = self.writer_of(ino) {
@@ -636,7 +636,8 @@ impl DatanetFs {
         Opened { fh, keep_cache }
     }
 
-    /// A writer over the current object `stat` of `key`, or an empty one for `O_TRUNC`.
+    /// Creates a writer over the current object `stat` of `key`, or an empty one for
+    /// `O_TRUNC`.
     fn new_writer(&self, space: usize, key: &str, stat: &FileStat, truncate: bool) -> FsResult<Arc<Writer>> {
         let base = (!truncate).then(|| BaseObject {
             store: Arc::clone(&self.spaces[space].space.store),
@@ -648,7 +649,7 @@ impl DatanetFs {
         Writer::new(&self.staging, base, meta)
     }
 
-    /// The writer of `ino`, created over `stat` when there is none.
+    /// Returns the writer of `ino`, created over `stat` when there is none.
     fn writer_for_existing(&self, ino: u64, space: usize, key: &str, stat: &FileStat, truncate: bool) -> FsResult<Arc<Writer>> {
         let mut writers = lock(&self.writers);
         if let Some(existing) = writers.get(&ino) {
@@ -1276,8 +1277,8 @@ impl DatanetFs {
 
     // -- extended attributes ------------------------------------------------------------
 
-    /// The space, key, kind and stored metadata of `ino`; `None` for the mount root and
-    /// the space roots, which have no extended attributes.
+    /// Returns the space, key, kind and stored metadata of `ino`, or `None` for the
+    /// mount root and the space roots, which have no extended attributes.
     async fn xattr_source(&self, ino: u64) -> FsResult<Option<(usize, String, Kind, PosixMeta)>> {
         let Target::Entry { space, key, kind } = self.target(ino)? else { return Ok(None) };
         if key.is_empty() {
@@ -1301,7 +1302,7 @@ impl DatanetFs {
         Ok(Some((space, key, kind, meta)))
     }
 
-    /// The value of extended attribute `name`. Only `user.*` attributes exist.
+    /// Returns the value of extended attribute `name`. Only `user.*` attributes exist.
     pub async fn getxattr(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
         let name = name.to_str().unwrap_or_default();
         let not_found = || FsError::new(libc::ENODATA, format!("no extended attribute {name:?}"));
@@ -1380,7 +1381,7 @@ impl DatanetFs {
         lock(&self.files).values().any(|f| f.ino == ino && f.writer.is_some())
     }
 
-    /// True when the write-back journal holds content for the key of `ino`.
+    /// Returns true when the write-back journal contains content for the key of `ino`.
     async fn journal_pending(&self, ino: u64, space: usize) -> bool {
         let Some(Target::Entry { key, .. }) = self.inodes.target(ino) else { return false };
         let Ok(path) = object_path(&key) else { return false };
@@ -1502,7 +1503,8 @@ async fn read_listed_meta(
     tracing::debug!(space = handle.name(), files = count, elapsed_ms = started.elapsed().as_millis() as u64, "read metadata of a listing");
 }
 
-/// What a listing says about `name`: `None` when it lists `name` without attributes.
+/// Returns the entry a listing gives for `name`, or `None` when it lists `name`
+/// without attributes.
 fn entry_in_listing(listing: &[DirEntry], name: &str) -> Option<Entry> {
     Some(match listing.binary_search_by(|e| e.name.as_str().cmp(name)) {
         Ok(index) => match &listing[index] {
@@ -1537,7 +1539,7 @@ fn journal_error(err: crate::journal::JournalError) -> FsError {
     FsError::new(err.errno(), err.to_string())
 }
 
-/// Opens the write-back journal below `cache.dir`; the uploader starts at once, so
+/// Opens the write-back journal below `cache.dir`. The uploader starts at once, so
 /// entries left by an earlier process (a crash, or a mount with a delay) are uploaded.
 fn open_journal(config: &Config, spaces: &[Arc<SpaceHandle>]) -> FsResult<Arc<Journal>> {
     let targets = spaces

@@ -3,7 +3,7 @@
 //!
 //! Every entry expires after `cache.metadata_ttl`; a TTL of zero disables the cache.
 //! Invariant: only a definite response of the store is cached. A "missing" entry is
-//! inserted only after the store said "not found" (never after a throttled or failed
+//! inserted only after the store returned "not found" (never after a throttled or failed
 //! request), and changes made through this mount update or drop the entries they touch.
 //! At most one HEAD per key is in flight, and later callers share its result. The result
 //! of a HEAD that started before this mount changed the key is not remembered.
@@ -124,7 +124,7 @@ struct KnownMeta {
 #[derive(Clone)]
 pub struct MetaCache {
     entries: Option<Cache<CacheKey, Entry>>,
-    /// Listings with the time they were read from the store; patches made by this mount
+    /// Listings with the time they were read from the store. Patches made by this mount
     /// keep that time, so a listing still expires one TTL after it was read.
     listings: Option<Cache<CacheKey, (Instant, Listing)>>,
     ttl: Duration,
@@ -315,8 +315,8 @@ impl MetaCache {
         same_version.then_some(known.meta)
     }
 
-    /// True when a HEAD of `key` was remembered within the last `within`, whatever
-    /// version it saw; used to avoid sending the same HEADs after every re-listing.
+    /// Returns true when a HEAD of `key` was remembered within the last `within`,
+    /// whatever version it saw. Read-ahead uses it to skip HEADs after a re-listing.
     pub fn recently_headed(&self, space: usize, key: &str, within: Duration) -> bool {
         self.posix
             .get(&(space, key.to_string()))
@@ -378,8 +378,8 @@ impl MetaCache {
                     (Kind::Dir, _) => Entry::Dir,
                     _ => continue,
                 };
-                // A listing carries no metadata: keep a cached entry of the same version
-                // that has it (it may say that the object is a symlink).
+                // A listing carries no metadata, so keep a cached entry of the same
+                // version that has it (it may mark the object as a symlink).
                 if let (Entry::File(listed), Some(Entry::File(cached))) = (&entry, entries.get(&(space, key.clone()))) {
                     if listed.meta.is_none()
                         && cached.meta.is_some()
@@ -421,8 +421,8 @@ impl MetaCache {
         listings.insert(key, (listed_at, Arc::new(entries)));
     }
 
-    /// The entry count of `dir` when it was listed within the last minute (even if that
-    /// listing has expired since).
+    /// Returns the entry count of `dir` when it was listed within the last minute, even
+    /// if that listing has expired since.
     pub fn recently_listed(&self, space: usize, dir: &str) -> Option<usize> {
         self.recent_listings.get(&(space, dir.to_string()))
     }

@@ -220,9 +220,9 @@ impl ObjectReader {
     /// Starts range GETs for the missing blocks of the window after block `last`.
     ///
     /// A run of missing blocks at the far end of the window is fetched only once it
-    /// has its full length (half the window, at most [`MAX_RUN_BLOCKS`]), or reaches
-    /// the end of the object, or the budget has no more permits; otherwise it waits for
-    /// the next read to grow it. Gaps between blocks already present cannot grow and
+    /// has its full length (half the window, at most [`MAX_RUN_BLOCKS`]). It is also
+    /// fetched when it reaches the end of the object or the budget has no more permits.
+    /// Otherwise it waits for the next read to grow it. Gaps between blocks already present cannot grow and
     /// are fetched at once.
     fn read_ahead(&self, state: &mut ReadState, last: u64, block_count: u64) {
         let ahead_end = (last + 1 + state.window_blocks).min(block_count);
@@ -525,7 +525,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn read_ahead_of_object_larger_than_cache_bypasses_it() {
+    async fn large_object_bypasses_data_cache() {
         let tmp = tempfile::tempdir().unwrap();
         let cache = Arc::new(DataCache::open(tmp.path(), 4 * BLOCK_BYTES).unwrap());
         let (store, data, etag) = counted_object(16 * BLOCK_BYTES as usize).await;

@@ -1,7 +1,7 @@
 //! The write path of one file: its staging file, pending metadata and upload.
 //!
 //! A [`Writer`] exists per inode while at least one handle has the file open for writing
-//! (or a truncate without a handle runs); every handle of that inode reads and writes
+//! (or a truncate without a handle runs). Every handle of that inode reads and writes
 //! through it, so a reader never sees zeros or stale bytes for an acknowledged write.
 //! Content lives in a [`crate::staging::Staging`] file and goes to the store through
 //! [`crate::upload::upload_file`] on `flush` (every `close`), `fsync` and the last
@@ -47,8 +47,8 @@ impl std::fmt::Debug for Writer {
 }
 
 impl Writer {
-    /// A writer for a new, empty file (create, or an existing file opened with O_TRUNC
-    /// when `base` is `None`).
+    /// Creates a writer over the object `base`, or over an empty file when `base` is
+    /// `None` (a create, or an existing file opened with `O_TRUNC`).
     pub fn new(settings: &StagingSettings, base: Option<BaseObject>, meta: PosixMeta) -> FsResult<Arc<Self>> {
         let staging = Staging::create(settings, base).map_err(staging_error)?;
         Ok(Arc::new(Writer {
@@ -162,7 +162,7 @@ impl Writer {
     }
 
     /// Records the file in the write-back journal when it has changes, and returns once
-    /// the content is durable on local disk; the journal uploads it after its delay.
+    /// the content is durable on local disk. The journal uploads it after its delay.
     /// Returns whether anything was recorded.
     pub async fn record(&self, journal: &Journal, space: &str, key: &str) -> FsResult<bool> {
         let _serialized = self.upload_lock.lock().await;

@@ -288,7 +288,7 @@ impl Jobwrap {
         if !has_option(&declared, "job-name", Some('J')) {
             args.push(OsString::from(format!("--job-name={}", spec.script_name)));
         }
-        // SAFETY: geteuid cannot fail.
+        // SAFETY: geteuid takes no arguments and is always successful (POSIX, geteuid(2)).
         if record.uid != unsafe { libc::geteuid() } {
             args.push(OsString::from(format!("--uid={}", record.uid)));
             args.push(OsString::from(format!("--gid={}", record.gid)));

@@ -3,7 +3,7 @@
 //! A record is replaced atomically (write a temporary file, fsync it, rename it over the
 //! record, fsync the directory), so after a crash the record is either the previous or
 //! the next version, never a torn one. One jobwrap process at a time drives a job: it
-//! holds an exclusive `flock` on `<id>.lock`. `jobwrap cancel` only creates
+//! takes an exclusive `flock` on `<id>.lock`. `jobwrap cancel` only creates
 //! `<id>.cancel`, which the driving process polls.
 
 use std::fs::{self, File, OpenOptions};
@@ -93,7 +93,7 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// The jobwrap process currently driving the job, for `status`.
     pub driver_pid: Option<u32>,
-    /// Why the cluster was chosen, when jobwrap chose it among several.
+    /// Reason for the cluster choice, when jobwrap chose among several clusters.
     #[serde(default)]
     pub placement: Option<crate::placement::Placement>,
     /// True when the job is submitted with a deferred begin time and staged in while it
@@ -103,8 +103,8 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
-    /// The exit code for foreground mode: the job's own exit code, `128 + signal` when
-    /// it was killed by a signal, and 1 when jobwrap itself failed.
+    /// Returns the exit code for foreground mode: the job's own exit code, `128 + signal`
+    /// when it was killed by a signal, and 1 when jobwrap itself failed.
     pub fn exit_code(&self) -> i32 {
         match self.state {
             JobState::Completed => 0,
@@ -207,7 +207,7 @@ impl Ledger {
             .ok_or_else(|| JobError::UnknownJob(id.to_string()))
     }
 
-    /// All records, oldest first.
+    /// Returns all records, oldest first.
     pub fn list(&self) -> Result<Vec<JobRecord>, JobError> {
         let entries = fs::read_dir(&self.dir).map_err(|err| JobError::io("cannot list ledger", &self.dir, err))?;
         let mut records = Vec::new();

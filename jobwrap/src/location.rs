@@ -50,7 +50,7 @@ impl SpaceLocation {
         self.path.is_empty() || self.path.ends_with('/')
     }
 
-    /// The object path with any trailing `/` removed, as `object_store` expects it. The
+    /// Returns the object path with any trailing `/` removed, as `object_store` expects. The
     /// key is kept byte for byte (no percent-encoding), as the datanet mount stores it.
     pub fn object_path(&self) -> Result<object_store::path::Path, String> {
         datanet::namespace::object_path(self.path.trim_end_matches('/'))

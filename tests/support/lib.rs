@@ -3,7 +3,7 @@
 //!
 //! Invariant: a test that needs a service reads its settings from the environment
 //! that `stack.sh up` writes (`source $RUN/env.sh`). When a setting is missing, the
-//! test fails with a message that says how to start the stack, so it never skips or
+//! test fails with a message that explains how to start the stack, so it never skips or
 //! passes silently.
 
 use std::path::{Path, PathBuf};
@@ -79,7 +79,8 @@ impl Stack {
         }
     }
 
-    /// The second cluster's `slurm.conf`; panics if the stack runs one cluster only.
+    /// Returns the second cluster's `slurm.conf`. Panics if the stack runs one cluster
+    /// only.
     pub fn require_slurm_conf_b(&self) -> &Path {
         self.slurm_conf_b
             .as_deref()
@@ -92,8 +93,8 @@ impl Stack {
             .unwrap_or_else(|err| panic!("the stack's configuration is invalid: {err}"))
     }
 
-    /// A space configuration for `bucket` on the stack's Garage, with the stack's key:
-    /// the `models` space of the configuration, moved to another bucket.
+    /// Returns a space configuration for `bucket` on the stack's Garage with the stack's
+    /// key. It is the `models` space of the configuration, moved to another bucket.
     pub fn bucket_space(&self, name: &str, bucket: &str) -> SpaceConfig {
         let config = self.config();
         let mut space = config
@@ -122,7 +123,7 @@ impl Stack {
         bucket
     }
 
-    /// A `Command` for a Slurm client (`sbatch`, `squeue`...) of cluster `a`.
+    /// Returns a `Command` for a Slurm client (`sbatch`, `squeue`...) of cluster `a`.
     pub fn slurm(&self, program: &str) -> Command {
         let mut command = Command::new(program);
         command.env("SLURM_CONF", &self.slurm_conf);
@@ -130,7 +131,7 @@ impl Stack {
     }
 }
 
-/// The repository root (the root package's manifest directory).
+/// Returns the repository root (the root package's manifest directory).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -139,7 +140,7 @@ pub fn scripts_dir() -> PathBuf {
     repo_root().join("scripts")
 }
 
-/// The path of a binary built by this workspace (`datanet`, `jobwrap`,
+/// Returns the path of a binary built by this workspace (`datanet`, `jobwrap`,
 /// `samba-provisioner`), next to the running test in the same target directory and
 /// profile. Panics if it was not built: `cargo test --workspace` builds it, and so does
 /// `cargo build --workspace`.
@@ -159,8 +160,9 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// A name no other test run uses: `prefix`, the process id, a counter and the time,
-/// lowercase and at most 63 bytes, so it is also a valid bucket or directory name.
+/// Returns a name no other test run uses: `prefix`, the process id, a counter and the
+/// time. It is lowercase and at most 63 bytes, so it is also a valid bucket or directory
+/// name.
 pub fn unique_name(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let count = COUNTER.fetch_add(1, Ordering::Relaxed);

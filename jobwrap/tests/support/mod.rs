@@ -49,14 +49,15 @@ impl Harness {
         Harness::build(test, "scratch", false)
     }
 
-    /// A harness whose scratch root is `<dir>/<scratch_name>` (which may contain spaces,
-    /// quotes and `$`).
+    /// Creates a harness whose scratch root is `<dir>/<scratch_name>`, a name that may
+    /// contain spaces, quotes and `$`.
     pub fn with_scratch_name(test: &str, scratch_name: &str) -> Harness {
         Harness::build(test, scratch_name, false)
     }
 
-    /// A harness with clusters `a` and `b` of the stack (`scripts/stack.sh up
-    /// --two-clusters`); `a` is near `models` and `results`, `b` near `scratchspace`.
+    /// Creates a harness with clusters `a` and `b` of the stack (`scripts/stack.sh up
+    /// --two-clusters`). Cluster `a` is near `models` and `results`, `b` near
+    /// `scratchspace`.
     pub fn two_clusters(test: &str) -> Harness {
         Harness::build(test, "scratch-a", true)
     }
@@ -129,7 +130,7 @@ impl Harness {
         }
     }
 
-    /// Adds a cluster whose controller does not answer (a copy of cluster a's
+    /// Adds a cluster whose controller does not respond (a copy of cluster a's
     /// `slurm.conf` pointing at a closed port).
     pub fn add_unreachable_cluster(&mut self, name: &str) {
         let text = std::fs::read_to_string(&self.slurm_conf).unwrap();
@@ -158,7 +159,7 @@ impl Harness {
         block_on(store.delete(&ObjectPath::parse(path).unwrap())).unwrap();
     }
 
-    /// The `slurm.conf` of a cluster of this harness.
+    /// Returns the `slurm.conf` of a cluster of this harness.
     pub fn slurm_conf_of(&self, cluster: &str) -> PathBuf {
         match cluster {
             "a" => self.slurm_conf.clone(),
@@ -231,7 +232,7 @@ impl Harness {
         path
     }
 
-    /// A `jobwrap` command with this harness's configuration.
+    /// Returns a `jobwrap` command with this harness's configuration.
     pub fn jobwrap(&self) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_jobwrap"));
         command.arg("--config").arg(&self.config_path);
@@ -250,7 +251,7 @@ impl Harness {
         output
     }
 
-    /// Every ledger record of this harness, oldest first.
+    /// Returns every ledger record of this harness, oldest first.
     pub fn records(&self) -> Vec<serde_json::Value> {
         let jobs = self.state_dir.join("jobs");
         let Ok(entries) = std::fs::read_dir(&jobs) else { return Vec::new() };
