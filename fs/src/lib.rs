@@ -5,6 +5,7 @@
 //! [`filesystem`] implements the operations on inodes without any FUSE types, and
 //! [`fuse`] is the thin adapter to the pinned `fuser` version.
 
+pub mod block_pool;
 pub mod check;
 pub mod config;
 pub mod datacache;

@@ -18,9 +18,11 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::StreamExt;
 use object_store::{GetOptions, GetRange, ObjectStore};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::block_pool::{BlockBuf, BlockPool};
 use crate::datacache::{BlockKey, DataCache};
 use crate::error::{FsError, FsResult};
 use crate::namespace::object_path;
@@ -39,10 +41,14 @@ pub const MAX_RUN_BLOCKS: u64 = 16;
 /// read still counts as sequential.
 const KEEP_BEHIND_BLOCKS: u64 = 4;
 
-/// The global memory budget of read-ahead, in blocks.
+/// Idle block buffers kept for reuse at most (see [`crate::block_pool`]).
+const MAX_IDLE_BUFFERS: usize = 16;
+
+/// The global memory budget of read-ahead, in blocks, and the buffers blocks are read into.
 #[derive(Debug, Clone)]
 pub struct ReadBudget {
     permits: Arc<Semaphore>,
+    buffers: Arc<BlockPool>,
 }
 
 impl ReadBudget {
@@ -50,6 +56,7 @@ impl ReadBudget {
         let blocks = (memory_bytes / BLOCK_BYTES).max(1) as usize;
         ReadBudget {
             permits: Arc::new(Semaphore::new(blocks)),
+            buffers: BlockPool::new(BLOCK_BYTES as usize, blocks.min(MAX_IDLE_BUFFERS)),
         }
     }
 
@@ -266,7 +273,10 @@ impl ObjectReader {
     }
 
     /// Fetches the consecutive blocks from `first` on (one per permit) with one request.
+    /// Each block is handed over as soon as its bytes have arrived, so a read of the
+    /// first block of a long run does not wait for the whole run.
     fn spawn_fetch_run(&self, state: &ReadState, first: u64, permits: Vec<Option<OwnedSemaphorePermit>>) -> Vec<(u64, PendingBlock)> {
+        let (senders, receivers): (Vec<_>, Vec<_>) = permits.iter().map(|_| oneshot::channel::<FsResult<Bytes>>()).unzip();
         let request = BlockRequest {
             store: Arc::clone(&self.store),
             space: self.space.clone(),
@@ -277,23 +287,23 @@ impl ObjectReader {
             object_size: self.size,
             cache: self.cache.clone(),
             store_in_cache: permits.iter().any(Option::is_none) || self.cache.as_ref().is_some_and(|cache| self.size <= cache.max_size_bytes()),
+            buffers: Arc::clone(&self.budget.buffers),
         };
-        let task = tokio::spawn(request.fetch());
-        let run = async move {
-            match task.await {
-                Ok(result) => result.map(Arc::new),
-                Err(err) => Err(FsError::io(format!("read task failed: {err}"))),
-            }
-        }
-        .boxed()
-        .shared();
+        tokio::spawn(request.fetch(senders));
 
         permits
             .into_iter()
+            .zip(receivers)
             .enumerate()
-            .map(|(position, permit)| {
-                let run = run.clone();
-                let data = async move { run.await.map(|blocks| blocks[position].clone()) }.boxed().shared();
+            .map(|(position, (permit, receiver))| {
+                let data = async move {
+                    match receiver.await {
+                        Ok(result) => result,
+                        Err(_) => Err(FsError::io("read task ended without its block".to_string())),
+                    }
+                }
+                .boxed()
+                .shared();
                 (first + position as u64, PendingBlock { data, _permit: permit })
             })
             .collect()
@@ -313,6 +323,7 @@ struct BlockRequest {
     /// Whether fetched blocks go to the data cache: demand reads always, read-ahead
     /// only for objects that fit in the cache.
     store_in_cache: bool,
+    buffers: Arc<BlockPool>,
 }
 
 impl BlockRequest {
@@ -325,30 +336,59 @@ impl BlockRequest {
         Some(BlockKey::new(&self.space, &self.key, etag, index))
     }
 
-    /// Returns the blocks, from the data cache when it has all of them.
-    async fn fetch(self) -> FsResult<Vec<Bytes>> {
-        let indexes: Vec<u64> = (self.first..self.first + self.count).collect();
-        if let Some(cache) = &self.cache {
-            let keys: Option<Vec<(BlockKey, u64)>> = indexes
-                .iter()
-                .map(|&index| Some((self.cache_key(index)?, self.block_range(index).end - self.block_range(index).start)))
-                .collect();
-            if let Some(keys) = keys {
-                let cache = Arc::clone(cache);
-                let cached = tokio::task::spawn_blocking(move || {
-                    keys.iter()
-                        .map(|(key, len)| cache.get(key).filter(|data| data.len() as u64 == *len))
-                        .collect::<Option<Vec<Bytes>>>()
-                })
-                .await
-                .ok()
-                .flatten();
-                if let Some(blocks) = cached {
-                    return Ok(blocks);
-                }
+    /// Sends each block to its receiver, from the data cache when it has all of them,
+    /// otherwise from one range GET whose body is cut into blocks as it arrives. After
+    /// an error, every block not yet sent receives that error.
+    async fn fetch(self, mut senders: Vec<oneshot::Sender<FsResult<Bytes>>>) {
+        if let Some(blocks) = self.cached_blocks().await {
+            for (sender, block) in senders.into_iter().zip(blocks) {
+                let _ = sender.send(Ok(block));
             }
+            return;
         }
 
+        let mut to_store = Vec::new();
+        let result = self.stream_blocks(&mut senders, &mut to_store).await;
+        if let Err(err) = result {
+            for sender in senders {
+                let _ = sender.send(Err(err.clone()));
+            }
+        }
+        if let (false, Some(cache)) = (to_store.is_empty(), &self.cache) {
+            // Written off the read path; each block's slot frees once it is on disk.
+            let cache = Arc::clone(cache);
+            tokio::task::spawn_blocking(move || {
+                for (cache_key, block, permit) in to_store {
+                    cache.put(&cache_key, &block);
+                    drop(permit);
+                }
+            });
+        }
+    }
+
+    /// The run's blocks when the data cache holds every one of them.
+    async fn cached_blocks(&self) -> Option<Vec<Bytes>> {
+        let cache = Arc::clone(self.cache.as_ref()?);
+        let keys: Vec<(BlockKey, u64)> = (self.first..self.first + self.count)
+            .map(|index| Some((self.cache_key(index)?, self.block_range(index).end - self.block_range(index).start)))
+            .collect::<Option<_>>()?;
+        tokio::task::spawn_blocking(move || {
+            keys.iter()
+                .map(|(key, len)| cache.get(key).filter(|data| data.len() as u64 == *len))
+                .collect::<Option<Vec<Bytes>>>()
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    /// Sends the run's blocks from the front of `senders` as the body arrives, and
+    /// collects the blocks the data cache should keep in `to_store`.
+    async fn stream_blocks(
+        &self,
+        senders: &mut Vec<oneshot::Sender<FsResult<Bytes>>>,
+        to_store: &mut Vec<(BlockKey, Bytes, OwnedSemaphorePermit)>,
+    ) -> FsResult<()> {
         let start = self.block_range(self.first).start;
         let end = self.block_range(self.first + self.count - 1).end;
         let what = format!("{}/{}", self.space, self.key);
@@ -363,34 +403,47 @@ impl BlockRequest {
             .get_opts(&path, options)
             .await
             .map_err(|err| FsError::from_store(err, &what))?;
-        let data = result.bytes().await.map_err(|err| FsError::from_store(err, &what))?;
-        if data.len() as u64 != end - start {
-            return Err(FsError::io(format!("{what}: expected {} bytes at offset {start}, got {}", end - start, data.len())));
-        }
+        let mut body = result.into_stream();
 
-        let mut blocks = Vec::with_capacity(indexes.len());
-        let mut to_store = Vec::new();
-        for &index in &indexes {
-            let range = self.block_range(index);
-            let block = data.slice((range.start - start) as usize..(range.end - start) as usize);
-            if let (true, Some(cache), Some(cache_key)) = (self.store_in_cache, &self.cache, self.cache_key(index)) {
-                if let Some(permit) = cache.try_reserve_write() {
-                    to_store.push((cache_key, block.clone(), permit));
+        senders.reverse();
+        let end_index = self.first + self.count;
+        let mut index = self.first;
+        let mut block: Option<BlockBuf> = None;
+        let mut received = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|err| FsError::from_store(err, &what))?;
+            let mut rest = &chunk[..];
+            while !rest.is_empty() {
+                if index == end_index {
+                    return Err(FsError::io(format!("{what}: more than the {} bytes asked for at offset {start}", end - start)));
+                }
+                let range = self.block_range(index);
+                let block_len = (range.end - range.start) as usize;
+                let buf = block.get_or_insert_with(|| self.buffers.take());
+                let taken = buf.fill(rest, block_len);
+                rest = &rest[taken..];
+                received += taken as u64;
+                if buf.len() == block_len {
+                    let data = block.take().map(BlockBuf::freeze).unwrap_or_default();
+                    self.keep_in_cache(index, &data, to_store);
+                    if let Some(sender) = senders.pop() {
+                        let _ = sender.send(Ok(data));
+                    }
+                    index += 1;
                 }
             }
-            blocks.push(block);
         }
-        if let (false, Some(cache)) = (to_store.is_empty(), &self.cache) {
-            // Written off the read path; each block's slot frees once it is on disk.
-            let cache = Arc::clone(cache);
-            tokio::task::spawn_blocking(move || {
-                for (cache_key, block, permit) in to_store {
-                    cache.put(&cache_key, &block);
-                    drop(permit);
-                }
-            });
+        if received != end - start {
+            return Err(FsError::io(format!("{what}: expected {} bytes at offset {start}, got {received}", end - start)));
         }
-        Ok(blocks)
+        Ok(())
+    }
+
+    fn keep_in_cache(&self, index: u64, data: &Bytes, to_store: &mut Vec<(BlockKey, Bytes, OwnedSemaphorePermit)>) {
+        let (true, Some(cache), Some(cache_key)) = (self.store_in_cache, &self.cache, self.cache_key(index)) else { return };
+        if let Some(permit) = cache.try_reserve_write() {
+            to_store.push((cache_key, data.clone(), permit));
+        }
     }
 }
 

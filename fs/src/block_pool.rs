@@ -1,0 +1,142 @@
+//! Reusable buffers for the blocks of streaming reads.
+//!
+//! A cold sequential read moves every byte of an object through one block buffer. When
+//! each buffer is a fresh allocation of [`crate::prefetch::BLOCK_BYTES`], the allocator
+//! maps new pages for it and unmaps them again once the block is dropped, so the daemon
+//! spends more time in page faults than in copying data. The pool keeps a few freed
+//! buffers instead and hands them out again, already mapped.
+//!
+//! Invariant: the pool holds at most `max_idle` buffers, so its memory is bounded no
+//! matter how many blocks are alive at a time; a buffer freed while the pool is full is
+//! released to the allocator.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+/// A bounded free list of block buffers of one capacity.
+#[derive(Debug)]
+pub struct BlockPool {
+    buffer_bytes: usize,
+    max_idle: usize,
+    idle: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BlockPool {
+    pub fn new(buffer_bytes: usize, max_idle: usize) -> Arc<Self> {
+        Arc::new(BlockPool {
+            buffer_bytes,
+            max_idle,
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An empty buffer with room for one block: a reused one when the pool has one.
+    pub fn take(self: &Arc<Self>) -> BlockBuf {
+        let buf = self.lock().pop().unwrap_or_else(|| Vec::with_capacity(self.buffer_bytes));
+        BlockBuf {
+            buf,
+            pool: Arc::clone(self),
+        }
+    }
+
+    /// Buffers waiting to be reused.
+    pub fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn give_back(&self, mut buf: Vec<u8>) {
+        if buf.capacity() != self.buffer_bytes {
+            return;
+        }
+        buf.clear();
+        let mut idle = self.lock();
+        if idle.len() < self.max_idle {
+            idle.push(buf);
+        }
+    }
+}
+
+/// A block buffer that returns to its pool when the last reference to it is dropped.
+#[derive(Debug)]
+pub struct BlockBuf {
+    buf: Vec<u8>,
+    pool: Arc<BlockPool>,
+}
+
+impl BlockBuf {
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
+    /// Appends as much of `data` as fits below `limit` bytes and returns how much that was.
+    pub fn fill(&mut self, data: &[u8], limit: usize) -> usize {
+        let room = limit.min(self.pool.buffer_bytes).saturating_sub(self.buf.len());
+        let taken = room.min(data.len());
+        self.buf.extend_from_slice(&data[..taken]);
+        taken
+    }
+
+    /// Turns the buffer into shared bytes; the buffer goes back to the pool once every
+    /// clone and slice of them is dropped.
+    pub fn freeze(self) -> Bytes {
+        Bytes::from_owner(self)
+    }
+}
+
+impl AsRef<[u8]> for BlockBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for BlockBuf {
+    fn drop(&mut self) {
+        self.pool.give_back(std::mem::take(&mut self.buf));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_bytes_return_their_buffer() {
+        let pool = BlockPool::new(64, 2);
+        let mut block = pool.take();
+        assert_eq!(block.fill(&[7u8; 100], 64), 64, "fill stops at the limit");
+        let bytes = block.freeze();
+        let slice = bytes.slice(10..20);
+        drop(bytes);
+        assert_eq!(pool.idle_count(), 0, "a slice still holds the buffer");
+        assert_eq!(&slice[..], &[7u8; 10]);
+        drop(slice);
+        assert_eq!(pool.idle_count(), 1);
+
+        let reused = pool.take();
+        assert!(reused.is_empty(), "a reused buffer starts empty");
+        assert_eq!(reused.buf.capacity(), 64);
+    }
+
+    #[test]
+    fn idle_buffers_are_bounded() {
+        let pool = BlockPool::new(16, 2);
+        let blocks: Vec<Bytes> = (0..5)
+            .map(|_| {
+                let mut block = pool.take();
+                block.fill(&[1u8; 16], 16);
+                block.freeze()
+            })
+            .collect();
+        drop(blocks);
+        assert_eq!(pool.idle_count(), 2);
+    }
+}
