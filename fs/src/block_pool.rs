@@ -6,9 +6,9 @@
 //! spends more time in page faults than in copying data. The pool keeps a few freed
 //! buffers instead and hands them out again, already mapped.
 //!
-//! Invariant: the pool holds at most `max_idle` buffers, so its memory is bounded no
-//! matter how many blocks are alive at a time; a buffer freed while the pool is full is
-//! released to the allocator.
+//! Invariant: the pool contains at most `max_idle` buffers, so its memory stays bounded
+//! however many blocks are alive. A buffer freed while the pool is full goes back to the
+//! allocator.
 
 use std::sync::{Arc, Mutex};
 
@@ -35,7 +35,7 @@ impl BlockPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// An empty buffer with room for one block: a reused one when the pool has one.
+    /// Returns an empty buffer with room for one block, reusing an idle one if possible.
     pub fn take(self: &Arc<Self>) -> BlockBuf {
         let buf = self.lock().pop().unwrap_or_else(|| Vec::with_capacity(self.buffer_bytes));
         BlockBuf {
@@ -80,13 +80,13 @@ impl BlockBuf {
     /// Appends as much of `data` as fits below `limit` bytes and returns how much that was.
     pub fn fill(&mut self, data: &[u8], limit: usize) -> usize {
         let room = limit.min(self.pool.buffer_bytes).saturating_sub(self.buf.len());
-        let taken = room.min(data.len());
-        self.buf.extend_from_slice(&data[..taken]);
-        taken
+        let copied = room.min(data.len());
+        self.buf.extend_from_slice(&data[..copied]);
+        copied
     }
 
-    /// Turns the buffer into shared bytes; the buffer goes back to the pool once every
-    /// clone and slice of them is dropped.
+    /// Turns the buffer into shared bytes. The buffer returns to the pool when the last
+    /// clone or slice of them is dropped.
     pub fn freeze(self) -> Bytes {
         Bytes::from_owner(self)
     }
