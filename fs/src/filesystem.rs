@@ -28,17 +28,8 @@ use crate::posix_meta::{PosixMeta, S_IFLNK, S_IFREG};
 use crate::prefetch::{ObjectReader, ReadBudget};
 use crate::staging::{BaseObject, StagingSettings};
 use crate::upload::UploadSettings;
+use crate::walkahead::WalkAhead;
 use crate::write::Writer;
-
-/// Background HEAD requests in flight at once, over all listings, when reading the
-/// POSIX metadata of listed files.
-const META_HEAD_CONCURRENCY: usize = 32;
-
-/// Minimum time between two background HEADs of the same key after listings.
-const META_HEAD_REPEAT: Duration = Duration::from_secs(30);
-
-/// Listings with more files than this get no metadata read-ahead.
-const META_HEAD_MAX_FILES: usize = 20_000;
 
 /// Directories with at most this many entries are listed again, instead of sending a
 /// HEAD and a LIST, when a name is looked up in them shortly after their listing expired.
@@ -142,8 +133,8 @@ pub struct DatanetFs {
     /// Mode, owner and mtime of S3 directories, kept on their markers.
     dir_meta: DirMeta,
     next_fh: AtomicU64,
-    /// Permits for the background HEADs that follow listings.
-    meta_heads: Arc<tokio::sync::Semaphore>,
+    /// Listings, and the metadata and subdirectories read ahead of a tree walk.
+    walk: WalkAhead,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -175,12 +166,15 @@ impl DatanetFs {
         let journal = open_journal(config, &spaces)?;
         crate::staging::remove_stale(&cache.dir.join("staging"));
 
+        let meta = MetaCache::new(cache.metadata_ttl);
+        let dir_meta = DirMeta::new(cache.metadata_ttl);
+        let walk = WalkAhead::new(spaces.clone(), meta.clone(), dir_meta.clone(), cache.metadata_ttl);
         Ok(DatanetFs {
             journal,
             journal_pins: Mutex::new(std::collections::HashSet::new()),
             inodes: InodeTable::new(spaces.len()),
             spaces,
-            meta: MetaCache::new(cache.metadata_ttl),
+            meta,
             data_cache,
             budget: ReadBudget::new(cache.read_ahead_memory_bytes),
             ttl: cache.metadata_ttl,
@@ -194,9 +188,9 @@ impl DatanetFs {
             dirs: Mutex::new(HashMap::new()),
             writers: Mutex::new(HashMap::new()),
             opened_etags: Mutex::new(HashMap::new()),
-            dir_meta: DirMeta::new(cache.metadata_ttl),
+            dir_meta,
             next_fh: AtomicU64::new(1),
-            meta_heads: Arc::new(tokio::sync::Semaphore::new(META_HEAD_CONCURRENCY)),
+            walk,
         })
     }
 
@@ -422,28 +416,7 @@ impl DatanetFs {
 
     /// Lists a directory, from the cache when fresh.
     async fn listing(&self, space: usize, dir: &str) -> FsResult<Arc<Vec<DirEntry>>> {
-        if let Some(listing) = self.meta.listing(space, dir) {
-            return Ok(listing);
-        }
-        let requested_at = std::time::Instant::now();
-        let mut entries = namespace::list_dir(&self.spaces[space], dir).await?;
-        let mut unknown = Vec::new();
-        for entry in entries.iter_mut() {
-            let Some(stat) = entry.stat.as_mut() else { continue };
-            let key = child_key(dir, &entry.name);
-            match self.meta.known_meta(space, &key, stat) {
-                Some(meta) => stat.meta = Some(meta),
-                None if !self.meta.recently_headed(space, &key, META_HEAD_REPEAT) => unknown.push(key),
-                None => {}
-            }
-        }
-        let listing = Arc::new(entries);
-        let listing = self.meta.insert_listing_at(space, dir, listing, requested_at);
-        if !unknown.is_empty() && unknown.len() <= META_HEAD_MAX_FILES {
-            let permits = Arc::clone(&self.meta_heads);
-            tokio::spawn(read_listed_meta(Arc::clone(&self.spaces[space]), self.meta.clone(), permits, space, unknown));
-        }
-        Ok(listing)
+        self.walk.listing(space, dir).await
     }
 
     /// Snapshots a directory for readdir, so offsets stay valid while it is open.
@@ -464,6 +437,7 @@ impl DatanetFs {
             }
             Target::Entry { space, key, kind: Kind::Dir } => {
                 let listing = self.listing(space, &key).await?;
+                self.walk.opened(space, &key, &listing);
                 let mut names: std::collections::BTreeMap<String, Kind> =
                     listing.iter().map(|e| (e.name.clone(), e.kind)).collect();
                 for (name, kind) in self.pending_children(space, &key) {
@@ -1461,46 +1435,6 @@ impl DatanetFs {
         }
         first_error
     }
-}
-
-/// Reads the POSIX metadata of listed files in the background (HEAD requests, at most
-/// [`META_HEAD_CONCURRENCY`] over all listings), so that the `stat` calls that follow a
-/// readdir find it in the cache. A key whose HEAD is in flight (for a lookup) is
-/// joined, one headed meanwhile is skipped, and a cached entry of the same version is
-/// refreshed so that it lives one TTL from its HEAD.
-async fn read_listed_meta(
-    handle: Arc<SpaceHandle>,
-    cache: MetaCache,
-    permits: Arc<tokio::sync::Semaphore>,
-    space: usize,
-    keys: Vec<String>,
-) {
-    use futures::StreamExt;
-
-    let started = std::time::Instant::now();
-    let count = keys.len();
-    futures::stream::iter(keys)
-        .for_each_concurrent(META_HEAD_CONCURRENCY, |key| {
-            let handle = Arc::clone(&handle);
-            let cache = cache.clone();
-            let permits = Arc::clone(&permits);
-            async move {
-                let Ok(_permit) = permits.acquire_owned().await else { return };
-                if cache.recently_headed(space, &key, META_HEAD_REPEAT) {
-                    return;
-                }
-                let requested_at = std::time::Instant::now();
-                let owned = key.clone();
-                let head = async move { namespace::head_file(&handle, &owned).await };
-                match cache.head_once(space, &key, head).await {
-                    Ok(Entry::File(stat)) => cache.refresh_entry(space, &key, &stat, requested_at),
-                    Ok(_) => {}
-                    Err(err) => tracing::debug!(key = %key, error = %err, "metadata read-ahead failed"),
-                }
-            }
-        })
-        .await;
-    tracing::debug!(space = handle.name(), files = count, elapsed_ms = started.elapsed().as_millis() as u64, "read metadata of a listing");
 }
 
 /// Returns the entry a listing gives for `name`, or `None` when it lists `name`

@@ -13,6 +13,7 @@ pub mod dirmeta;
 pub mod error;
 pub mod filesystem;
 pub mod fuse;
+pub mod inflight;
 pub mod inode;
 pub mod journal;
 pub mod marker;
@@ -28,6 +29,7 @@ pub mod sigv4;
 pub mod staging;
 pub mod store;
 pub mod upload;
+pub mod walkahead;
 pub mod write;
 
 pub use config::{Config, ConfigError, SpaceConfig};

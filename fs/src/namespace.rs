@@ -84,6 +84,20 @@ fn dir_path(dir: &str) -> FsResult<Option<ObjectPath>> {
 
 /// Lists one directory: every page of the store's listing, merged and sorted by name.
 pub async fn list_dir(handle: &SpaceHandle, dir: &str) -> FsResult<Vec<DirEntry>> {
+    Ok(list_dir_with_marker(handle, dir).await?.entries)
+}
+
+/// One directory's entries, and whether the listing showed the directory's own
+/// `dir/` marker object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirListing {
+    pub entries: Vec<DirEntry>,
+    pub has_marker: bool,
+}
+
+/// Lists one directory like [`list_dir`] and also reports its marker, so that a
+/// directory without one needs no marker HEAD for its metadata.
+pub async fn list_dir_with_marker(handle: &SpaceHandle, dir: &str) -> FsResult<DirListing> {
     let prefix = dir_path(dir)?;
     let result = match handle.space.store.list_with_delimiter(prefix.as_ref()).await {
         Ok(result) => result,
@@ -94,6 +108,7 @@ pub async fn list_dir(handle: &SpaceHandle, dir: &str) -> FsResult<Vec<DirEntry>
         }
         Err(err) => return Err(FsError::from_store(err, &handle.describe(dir))),
     };
+    let mut has_marker = false;
 
     let mut entries: BTreeMap<String, DirEntry> = BTreeMap::new();
     for common in &result.common_prefixes {
@@ -114,7 +129,8 @@ pub async fn list_dir(handle: &SpaceHandle, dir: &str) -> FsResult<Vec<DirEntry>
 
     for meta in &result.objects {
         if prefix.as_ref() == Some(&meta.location) {
-            continue; // the directory's own `dir/` marker
+            has_marker = true; // the directory's own `dir/` marker
+            continue;
         }
         let Some(name) = meta.location.filename() else { continue };
         if !is_listable(name) {
@@ -138,15 +154,16 @@ pub async fn list_dir(handle: &SpaceHandle, dir: &str) -> FsResult<Vec<DirEntry>
             },
         );
     }
-    Ok(entries.into_values().collect())
+    Ok(DirListing { entries: entries.into_values().collect(), has_marker })
 }
 
 /// Builds a listing from raw keys with the same rules as [`list_dir`]: the directory
 /// wins over an object of the same name, and names that cannot be POSIX names (such as
 /// the empty segment of `a//b`) are skipped.
-fn entries_from_raw(handle: &SpaceHandle, dir: &str, raw: crate::marker::RawListing) -> Vec<DirEntry> {
+fn entries_from_raw(handle: &SpaceHandle, dir: &str, raw: crate::marker::RawListing) -> DirListing {
     let dir_prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
     let mut entries: BTreeMap<String, DirEntry> = BTreeMap::new();
+    let mut has_marker = false;
     for prefix in &raw.prefixes {
         let name = prefix.strip_prefix(&dir_prefix).unwrap_or("").trim_end_matches('/');
         if !is_listable(name) || name.contains('/') {
@@ -159,7 +176,8 @@ fn entries_from_raw(handle: &SpaceHandle, dir: &str, raw: crate::marker::RawList
     for object in raw.objects {
         let name = object.key.strip_prefix(&dir_prefix).unwrap_or("");
         if name.is_empty() {
-            continue; // the directory's own `dir/` marker
+            has_marker = true; // the directory's own `dir/` marker
+            continue;
         }
         if !is_listable(name) || name.contains('/') || object_path(&object.key).is_err() {
             tracing::debug!(space = handle.name(), key = %object.key, "skipping an object whose key is not a valid path");
@@ -172,7 +190,7 @@ fn entries_from_raw(handle: &SpaceHandle, dir: &str, raw: crate::marker::RawList
         let stat = FileStat { size: object.size, mtime: object.last_modified, etag: object.e_tag, meta: None };
         entries.insert(name.to_string(), DirEntry { name: name.to_string(), kind: Kind::File, stat: Some(stat) });
     }
-    entries.into_values().collect()
+    DirListing { entries: entries.into_values().collect(), has_marker }
 }
 
 /// Finds out what `key` is with requests to the store (no cache).
