@@ -759,18 +759,33 @@ impl DatanetFs {
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let (writer, append) = {
+        let (ino, space, writer, append) = {
             let files = lock(&self.files);
             let file = files.get(&fh).ok_or_else(|| FsError::new(libc::EBADF, format!("unknown file handle {fh}")))?;
-            (file.writer.clone(), file.append)
+            (file.ino, file.space, file.writer.clone(), file.append)
         };
         let writer = writer.ok_or_else(|| FsError::new(libc::EBADF, "file handle is not open for writing"))?;
-        if append {
+        let written = if append {
             // The end is found and written under one lock, so a truncate through
             // another handle never leaves a hole before the appended bytes.
-            return writer.append(data).await;
+            writer.append(data).await?
+        } else {
+            writer.write(offset, data).await?
+        };
+        self.start_stream_if_ready(ino, space, &writer).await;
+        Ok(written)
+    }
+
+    /// Starts streaming the parts of a file written from offset 0 onwards, unless its
+    /// uploads wait in the write-back journal.
+    async fn start_stream_if_ready(&self, ino: u64, space: usize, writer: &Writer) {
+        if !writer.should_start_stream(&self.upload) || !self.journal.delay().is_zero() {
+            return;
         }
-        writer.write(offset, data).await
+        let Some(Target::Entry { key, .. }) = self.inodes.target(ino) else { return };
+        let Ok(path) = object_path(&key) else { return };
+        let handle = &self.spaces[space];
+        writer.start_stream(Arc::clone(&handle.space.store), path, &handle.meta_target, &self.upload).await;
     }
 
     /// Uploads the file behind `fh` if it has changes (close and fsync).

@@ -28,6 +28,7 @@ pub mod private_dir;
 pub mod sigv4;
 pub mod staging;
 pub mod store;
+pub mod stream_upload;
 pub mod upload;
 pub mod walkahead;
 pub mod write;

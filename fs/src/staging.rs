@@ -103,6 +103,14 @@ impl RangeSet {
         }
     }
 
+    /// Returns the end of the range that starts at offset 0, or 0 when there is none.
+    pub fn prefix_end(&self) -> u64 {
+        match self.0.first() {
+            Some(first) if first.start == 0 => first.end,
+            _ => 0,
+        }
+    }
+
     /// Sub-ranges of `range` that are not in the set.
     pub fn gaps(&self, range: Range<u64>) -> Vec<Range<u64>> {
         let mut gaps = Vec::new();
@@ -141,7 +149,11 @@ struct State {
 pub struct Staging {
     path: PathBuf,
     settings: StagingSettings,
+    /// The same file as `State::file`, which never changes, readable without the lock.
+    file: Arc<File>,
     state: Arc<RwLock<State>>,
+    /// See [`Staging::final_prefix_len`].
+    final_prefix_len: AtomicU64,
     /// Incremented by every change; compared with `uploaded` to know whether the content
     /// differs from the store.
     generation: AtomicU64,
@@ -166,8 +178,9 @@ impl Staging {
         file.set_len(size).map_err(|e| io_error(&path, e))?;
 
         let is_new = base.is_none();
+        let file = Arc::new(file);
         let state = State {
-            file: Arc::new(file),
+            file: Arc::clone(&file),
             size,
             base_len: size,
             base,
@@ -176,7 +189,9 @@ impl Staging {
         Ok(Staging {
             path,
             settings: settings.clone(),
+            file,
             state: Arc::new(RwLock::new(state)),
+            final_prefix_len: AtomicU64::new(0),
             generation: AtomicU64::new(u64::from(is_new)),
             uploaded: AtomicU64::new(0),
         })
@@ -184,6 +199,28 @@ impl Staging {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Returns the staging file. Reading it without the lock is safe only for ranges that
+    /// no writer changes, such as those below [`Staging::final_prefix_len`] that the
+    /// caller has stopped accepting writes for.
+    pub fn file(&self) -> Arc<File> {
+        Arc::clone(&self.file)
+    }
+
+    /// Returns the length of the prefix whose bytes are all final: written by the
+    /// application or fetched from the base, from offset 0 with no gap. A streamed upload
+    /// sends parts only from this prefix.
+    pub fn final_prefix_len(&self) -> u64 {
+        self.final_prefix_len.load(Ordering::SeqCst)
+    }
+
+    fn update_final_prefix(&self, state: &State) {
+        // Below `base_len`, bytes missing from `present` still come from the base, so a
+        // prefix counts only once it covers all of them.
+        let prefix = state.present.prefix_end();
+        let prefix = if prefix >= state.base_len { prefix } else { 0 };
+        self.final_prefix_len.store(prefix, Ordering::SeqCst);
     }
 
     pub async fn size(&self) -> u64 {
@@ -222,6 +259,7 @@ impl Staging {
 
         state.present.insert(offset..end);
         state.size = state.size.max(end);
+        self.update_final_prefix(state);
         self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(data.len())
     }
@@ -233,6 +271,7 @@ impl Staging {
         state.present.truncate(len);
         state.base_len = state.base_len.min(len);
         state.size = len;
+        self.update_final_prefix(&state);
         self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -272,13 +311,14 @@ impl Staging {
         Ok(Bytes::from(buffer))
     }
 
-    /// Fetches every missing base range, syncs the file to disk and blocks writers until
-    /// the returned view is dropped, so an upload reads one consistent content.
+    /// Fetches every missing base range and blocks writers until the returned view is
+    /// dropped, so an upload reads one consistent content. The file is not synced to disk:
+    /// an upload reads it from the page cache, and the write-back journal syncs its own
+    /// copy before it acknowledges anything.
     pub async fn freeze(&self) -> Result<FrozenStaging, StagingError> {
         let mut state = Arc::clone(&self.state).write_owned().await;
         let base_len = state.base_len;
         self.fill(&mut state, 0..base_len).await?;
-        state.file.sync_data().map_err(|source| StagingError::Io { path: self.path.clone(), source })?;
 
         let guard = state.downgrade();
         Ok(FrozenStaging {
@@ -308,6 +348,7 @@ impl Staging {
                 .map_err(|source| StagingError::Io { path: self.path.clone(), source })?;
             state.present.insert(gap);
         }
+        self.update_final_prefix(state);
         Ok(())
     }
 

@@ -70,6 +70,9 @@ pub enum UploadError {
 
     #[error("{path} changed size while being copied (expected {expected} bytes)")]
     SourceChanged { path: String, expected: u64 },
+
+    #[error("streamed upload of {path} stopped unexpectedly")]
+    StreamStopped { path: String },
 }
 
 impl UploadError {
@@ -315,13 +318,18 @@ async fn abort(upload: &mut dyn MultipartUpload, path: &ObjectPath) {
 
 /// A staging file read in blocking tasks, so that disk reads never stall the runtime.
 #[derive(Clone)]
-struct FileSource {
+pub(crate) struct FileSource {
     file: Arc<File>,
     path: String,
 }
 
 impl FileSource {
-    async fn read(&self, offset: u64, len: u64) -> Result<Bytes, UploadError> {
+    /// Reads `file`; `path` names it in errors.
+    pub(crate) fn new(file: Arc<File>, path: String) -> FileSource {
+        FileSource { file, path }
+    }
+
+    pub(crate) async fn read(&self, offset: u64, len: u64) -> Result<Bytes, UploadError> {
         let file = Arc::clone(&self.file);
         let read = tokio::task::spawn_blocking(move || {
             let mut buffer = vec![0u8; len as usize];

@@ -98,6 +98,36 @@ impl Garage {
         )
     }
 
+    /// Counts the unfinished multipart uploads of `bucket` with a ListMultipartUploads
+    /// request sent from this process. Unlike [`Garage::unfinished_uploads`] it starts no
+    /// child process, so it can run while the test holds a file of the mount open: a
+    /// child closes its inherited copy of the descriptor, and every close is a FUSE flush.
+    pub fn multipart_uploads(&self, bucket: &str) -> usize {
+        use datanet::sigv4::{BucketAddress, SigningKey, EMPTY_SHA256};
+
+        let space = self.space_config(bucket);
+        let address = BucketAddress::for_space(&space).unwrap().expect("an S3 space");
+        let key = SigningKey::read(&space.name, space.credentials.as_ref()).unwrap();
+        let path = address.uri_path(None);
+        let query = "uploads=";
+        let method = reqwest::Method::GET;
+        let headers = key.sign(&method, &address.host, &path, query, &[], EMPTY_SHA256, &space.region, std::time::SystemTime::now());
+
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let body = runtime.block_on(async {
+            let mut request = reqwest::Client::new().get(format!("{}{path}?{query}", address.origin));
+            for (name, value) in headers {
+                request = request.header(name, value);
+            }
+            let response = request.send().await.expect("ListMultipartUploads request");
+            let status = response.status();
+            let body = response.text().await.unwrap();
+            assert!(status.is_success(), "ListMultipartUploads of {bucket}: {status}: {body}");
+            body
+        });
+        body.matches("<UploadId>").count()
+    }
+
     /// Unfinished multipart uploads of `bucket`, as `garage bucket info` reports them.
     pub fn unfinished_uploads(&self, bucket: &str) -> u64 {
         let output = Command::new(&self.binary)
@@ -149,14 +179,21 @@ impl PrivateGarage {
         private
     }
 
-    fn run(&self, command: &str) {
-        let output = Command::new("bash")
-            .arg(scripts_dir().join("garage.sh"))
-            .arg(command)
-            .env("DATANET_RUN_DIR", &self.garage.run_dir)
+    /// Returns `bash` with this Garage's run directory and ports in its environment.
+    fn script_command(&self) -> Command {
+        let mut bash = Command::new("bash");
+        bash.env("DATANET_RUN_DIR", &self.garage.run_dir)
             .env("DATANET_S3_PORT", self.ports[0].to_string())
             .env("DATANET_GARAGE_RPC_PORT", self.ports[1].to_string())
-            .env("DATANET_GARAGE_ADMIN_PORT", self.ports[2].to_string())
+            .env("DATANET_GARAGE_ADMIN_PORT", self.ports[2].to_string());
+        bash
+    }
+
+    fn run(&self, command: &str) {
+        let output = self
+            .script_command()
+            .arg(scripts_dir().join("garage.sh"))
+            .arg(command)
             .output()
             .expect("cannot run scripts/garage.sh");
         assert!(
@@ -198,6 +235,24 @@ impl PrivateGarage {
     pub fn restart(&self) {
         self.run("start");
     }
+
+    /// Starts a child now that restarts Garage when [`PendingRestart::run`] is called.
+    /// A test that holds a file of a mount open uses it because every child forked
+    /// while the file is open closes its inherited descriptor, and each close is a
+    /// FUSE flush, which would upload the file.
+    pub fn prepare_restart(&self) -> PendingRestart {
+        let child = self
+            .script_command()
+            .arg("-c")
+            .arg("read -r _ && exec bash \"$0\" start")
+            .arg(scripts_dir().join("garage.sh"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cannot start bash");
+        PendingRestart { child }
+    }
 }
 
 impl Drop for PrivateGarage {
@@ -211,6 +266,28 @@ impl Drop for PrivateGarage {
         if stopped {
             let _ = std::fs::remove_dir_all(&self.garage.run_dir);
         }
+    }
+}
+
+/// A Garage restart waiting in a child process; see [`PrivateGarage::prepare_restart`].
+pub struct PendingRestart {
+    child: std::process::Child,
+}
+
+impl PendingRestart {
+    /// Restarts Garage and waits until it is ready.
+    pub fn run(mut self) {
+        use std::io::Write;
+
+        let mut stdin = self.child.stdin.take().expect("piped stdin");
+        stdin.write_all(b"start\n").expect("cannot signal the restart");
+        drop(stdin);
+        let output = self.child.wait_with_output().expect("restart child");
+        assert!(
+            output.status.success(),
+            "scripts/garage.sh start failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
 }
 

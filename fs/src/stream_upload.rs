@@ -1,0 +1,314 @@
+//! Streamed multipart uploads: the parts of a file written from offset 0 onwards go to
+//! the store while the application is still writing, so that `flush` only has to send
+//! the tail part and CompleteMultipartUpload.
+//!
+//! The writer *seals* each part once all its bytes are final in the staging file (see
+//! [`crate::staging::Staging::final_prefix_len`]), and a background task reads sealed
+//! parts from the staging file and sends them, at most
+//! [`crate::upload::UploadSettings::max_concurrency`] at a time. Memory therefore stays
+//! within that many parts, and a `write` never waits for the network.
+//!
+//! Invariants: the owner of a [`StreamedUpload`] accepts no change below
+//! [`StreamedUpload::sealed_end`] without dropping the stream first, so a completed
+//! upload always has the staging content. Every stream ends completed or aborted, and a
+//! failed abort is retried in the background until the store accepts it. A killed
+//! process leaves an incomplete multipart upload, which is never visible as an object;
+//! only the store's lifecycle rules remove it.
+
+use std::fs::File;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{MultipartUpload, ObjectStore, PutMultipartOptions, PutResult};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::posix_meta::PosixMeta;
+use crate::upload::{FileSource, UploadError};
+
+/// Attempts to abort one multipart upload, each after the store client's own retries.
+const ABORT_ATTEMPTS: u32 = 12;
+
+/// First and largest pause between abort attempts.
+const ABORT_RETRY_MIN: Duration = Duration::from_secs(1);
+const ABORT_RETRY_MAX: Duration = Duration::from_secs(60);
+
+enum Command {
+    /// Sends this range of the staging file as the next part.
+    Part(Range<u64>),
+    /// Sends `tail` (when not empty) as the last part and completes the upload.
+    Finish {
+        tail: Range<u64>,
+        reply: oneshot::Sender<Result<PutResult, UploadError>>,
+    },
+}
+
+/// One multipart upload fed from a staging file while it is written.
+///
+/// Dropping it without [`StreamedUpload::finish`] aborts the upload in the background.
+pub struct StreamedUpload {
+    path: ObjectPath,
+    /// The metadata sent with CreateMultipartUpload, which cannot change afterwards.
+    meta: PosixMeta,
+    part_size_bytes: u64,
+    /// Bytes below this offset are handed to the background task as parts.
+    sealed_end: u64,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Set by the background task when a request failed; the upload is aborted then.
+    failed: Arc<AtomicBool>,
+    /// Set when this handle is dropped unfinished, so that the task skips the parts
+    /// still queued and aborts at once.
+    cancelled: Arc<AtomicBool>,
+    finished: bool,
+}
+
+impl Drop for StreamedUpload {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cancelled.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl std::fmt::Debug for StreamedUpload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamedUpload")
+            .field("path", &self.path)
+            .field("sealed_end", &self.sealed_end)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The object that a streamed upload creates, and the size of its parts.
+pub struct StreamTarget {
+    pub store: Arc<dyn ObjectStore>,
+    pub path: ObjectPath,
+    pub meta: PosixMeta,
+    pub attributes: object_store::Attributes,
+    pub part_size_bytes: u64,
+    pub max_concurrency: usize,
+}
+
+impl StreamedUpload {
+    /// Starts the background task, which creates the multipart upload. Must run inside
+    /// a tokio runtime. `file` is the staging file; `file_name` names it in errors.
+    pub fn start(target: StreamTarget, file: Arc<File>, file_name: String) -> StreamedUpload {
+        let (commands, receiver) = mpsc::unbounded_channel();
+        let failed = Arc::new(AtomicBool::new(false));
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let task = StreamTask {
+            cancelled: Arc::clone(&cancelled),
+            store: target.store,
+            path: target.path.clone(),
+            source: FileSource::new(file, file_name),
+            max_in_flight: target.max_concurrency.max(1),
+            failed: Arc::clone(&failed),
+        };
+        tokio::spawn(task.run(target.attributes, receiver));
+        tracing::debug!(path = %target.path, part_size = target.part_size_bytes, "streamed upload started");
+
+        StreamedUpload {
+            path: target.path,
+            meta: target.meta,
+            part_size_bytes: target.part_size_bytes.max(1),
+            sealed_end: 0,
+            commands,
+            failed,
+            cancelled,
+            finished: false,
+        }
+    }
+
+    pub fn path(&self) -> &ObjectPath {
+        &self.path
+    }
+
+    pub fn meta(&self) -> &PosixMeta {
+        &self.meta
+    }
+
+    /// Returns the offset below which the content was handed over as parts and must not
+    /// change while this upload lives.
+    pub fn sealed_end(&self) -> u64 {
+        self.sealed_end
+    }
+
+    /// Returns whether a request of this upload failed. It is aborted then, and the
+    /// caller should drop it and upload the file another way.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Seals every whole part below `final_len`, the length of the prefix whose bytes no
+    /// longer change.
+    pub fn seal_up_to(&mut self, final_len: u64) {
+        while self.sealed_end + self.part_size_bytes <= final_len {
+            let part = self.sealed_end..self.sealed_end + self.part_size_bytes;
+            if self.commands.send(Command::Part(part.clone())).is_err() {
+                // The task is gone only after a failure, which `finish` reports.
+                return;
+            }
+            self.sealed_end = part.end;
+        }
+    }
+
+    /// Sends the bytes from [`StreamedUpload::sealed_end`] to `len` as the last part and
+    /// completes the upload once every part is stored. On error the upload is aborted.
+    pub async fn finish(mut self, len: u64) -> Result<PutResult, UploadError> {
+        self.finished = true;
+        let (reply, result) = oneshot::channel();
+        let tail = self.sealed_end..len.max(self.sealed_end);
+        let stopped = || UploadError::StreamStopped { path: self.path.to_string() };
+        self.commands.send(Command::Finish { tail, reply }).map_err(|_| stopped())?;
+        result.await.map_err(|_| stopped())?
+    }
+}
+
+/// The background side of a [`StreamedUpload`].
+struct StreamTask {
+    store: Arc<dyn ObjectStore>,
+    path: ObjectPath,
+    source: FileSource,
+    max_in_flight: usize,
+    failed: Arc<AtomicBool>,
+    cancelled: Arc<AtomicBool>,
+}
+
+/// A part request, spawned so that it progresses while the task waits for commands.
+type PartTask = tokio::task::JoinHandle<object_store::Result<()>>;
+
+impl StreamTask {
+    async fn run(self, attributes: object_store::Attributes, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let options = PutMultipartOptions { attributes, ..PutMultipartOptions::default() };
+        let upload = match self.store.put_multipart_opts(&self.path, options).await {
+            Ok(upload) => upload,
+            Err(err) => {
+                tracing::warn!(path = %self.path, error = %err, "cannot start streamed upload");
+                self.failed.store(true, Ordering::SeqCst);
+                reply_failed(&mut commands, err.into()).await;
+                return;
+            }
+        };
+
+        let mut sender = PartSender { upload, in_flight: FuturesUnordered::new(), path: self.path.clone() };
+        let error = loop {
+            let command = match commands.recv().await {
+                Some(Command::Part(_)) if self.cancelled.load(Ordering::SeqCst) => None,
+                command => command,
+            };
+            let Some(command) = command else {
+                tracing::debug!(path = %self.path, "streamed upload dropped; aborting it");
+                sender.abort_in_background(self.path.clone());
+                return;
+            };
+            match command {
+                Command::Part(range) => {
+                    if let Err(err) = self.send_part(&mut sender, range).await {
+                        break err;
+                    }
+                }
+                Command::Finish { tail, reply } => {
+                    match self.complete(&mut sender, tail).await {
+                        Ok(result) => {
+                            let _ = reply.send(Ok(result));
+                        }
+                        Err(err) => {
+                            self.failed.store(true, Ordering::SeqCst);
+                            sender.abort_in_background(self.path.clone());
+                            let _ = reply.send(Err(err));
+                        }
+                    }
+                    return;
+                }
+            }
+        };
+
+        tracing::warn!(path = %self.path, error = %error, "streamed upload failed; aborting it");
+        self.failed.store(true, Ordering::SeqCst);
+        sender.abort_in_background(self.path.clone());
+        reply_failed(&mut commands, error).await;
+    }
+
+    async fn send_part(&self, sender: &mut PartSender, range: Range<u64>) -> Result<(), UploadError> {
+        while sender.in_flight.len() >= self.max_in_flight {
+            sender.wait_one().await?;
+        }
+        let bytes = self.source.read(range.start, range.end - range.start).await?;
+        sender.in_flight.push(tokio::spawn(sender.upload.put_part(bytes.into())));
+        Ok(())
+    }
+
+    async fn complete(&self, sender: &mut PartSender, tail: Range<u64>) -> Result<PutResult, UploadError> {
+        if !tail.is_empty() {
+            self.send_part(sender, tail).await?;
+        }
+        while !sender.in_flight.is_empty() {
+            sender.wait_one().await?;
+        }
+        let result = sender.upload.complete().await?;
+        tracing::debug!(path = %self.path, "streamed upload completed");
+        Ok(result)
+    }
+}
+
+/// The multipart upload and its parts in flight.
+struct PartSender {
+    upload: Box<dyn MultipartUpload>,
+    in_flight: FuturesUnordered<PartTask>,
+    path: ObjectPath,
+}
+
+impl PartSender {
+    async fn wait_one(&mut self) -> Result<(), UploadError> {
+        match self.in_flight.next().await {
+            Some(Ok(result)) => Ok(result?),
+            Some(Err(_)) => Err(UploadError::StreamStopped { path: self.path.to_string() }),
+            None => Ok(()),
+        }
+    }
+
+    /// Lets the parts in flight end, then aborts the upload, retrying while the store
+    /// fails. Waiting first matters because a part stored after the abort could leave
+    /// an upload behind.
+    fn abort_in_background(self, path: ObjectPath) {
+        tokio::spawn(async move {
+            let PartSender { mut upload, mut in_flight, .. } = self;
+            while in_flight.next().await.is_some() {}
+            abort_with_retry(upload.as_mut(), &path).await;
+        });
+    }
+}
+
+async fn abort_with_retry(upload: &mut dyn MultipartUpload, path: &ObjectPath) {
+    let mut pause = ABORT_RETRY_MIN;
+    for attempt in 1..=ABORT_ATTEMPTS {
+        match upload.abort().await {
+            Ok(()) => {
+                tracing::info!(%path, "aborted streamed multipart upload");
+                return;
+            }
+            Err(err) if attempt < ABORT_ATTEMPTS => {
+                tracing::warn!(%path, attempt, error = %err, "cannot abort streamed multipart upload; will retry");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(ABORT_RETRY_MAX);
+            }
+            Err(err) => {
+                tracing::error!(%path, attempts = attempt, error = %err, "cannot abort streamed multipart upload; its parts stay until the store's lifecycle rules remove them");
+            }
+        }
+    }
+}
+
+/// Replies to the `Finish` of a stream that already failed with `error`, and skips
+/// the parts queued before it.
+async fn reply_failed(commands: &mut mpsc::UnboundedReceiver<Command>, error: UploadError) {
+    while let Some(command) = commands.recv().await {
+        if let Command::Finish { reply, .. } = command {
+            let _ = reply.send(Err(error));
+            return;
+        }
+    }
+}
