@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use tracing::Instrument;
@@ -24,6 +24,10 @@ use crate::inode::Kind;
 
 /// Largest write request the kernel sends; bounds the memory of each read loop.
 const MAX_WRITE_BYTES: u32 = 1 << 20;
+
+/// Entries prepared for one readdirplus reply. Each 4 KiB of the kernel's reply buffer
+/// fits about 25 entries with short names, and entries that do not fit are given back.
+const READDIRPLUS_BATCH: usize = 256;
 
 pub struct FuseAdapter {
     fs: Arc<DatanetFs>,
@@ -105,6 +109,11 @@ impl Filesystem for FuseAdapter {
         // kernel serializes them per directory.
         if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS) {
             tracing::debug!(?missing, "kernel does not offer parallel directory operations");
+        }
+        // Attributes come with the directory entries, so `find` and `ls -l` need no
+        // lookup per entry whose metadata is cached already.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_DO_READDIRPLUS) {
+            tracing::debug!(?missing, "kernel does not offer readdirplus");
         }
         tracing::info!(spaces = ?self.fs.space_names(), "filesystem initialized");
         Ok(())
@@ -365,6 +374,24 @@ impl Filesystem for FuseAdapter {
                 for (next_offset, item) in items {
                     if reply.add(INodeNo(item.ino), next_offset, file_type(item.kind), &item.name) {
                         break;
+                    }
+                }
+                reply.ok();
+            }
+            Err(err) => reply.error(errno(&err)),
+        }
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        match self.fs.readdirplus(ino.0, fh.0, offset, READDIRPLUS_BATCH) {
+            Ok(items) => {
+                let mut full = false;
+                for entry in items {
+                    let attr = file_attr(&entry.attr);
+                    full = full || reply.add(INodeNo(entry.attr.ino), entry.offset, &entry.item.name, &entry.ttl, &attr, Generation(0));
+                    if full && entry.counted {
+                        // The entry did not fit, so the kernel never receives it.
+                        self.fs.forget(entry.attr.ino, 1);
                     }
                 }
                 reply.ok();

@@ -212,6 +212,18 @@ fn walk_ahead_metadata_is_correct() {
     assert_eq!(plain.uid(), 777, "an object without metadata shows the space's owner");
     let requests = proxy.requests();
     assert!(requests.is_empty(), "the walk-ahead served every lstat: {requests:#?}");
+
+    let listed: HashMap<String, std::fs::Metadata> = std::fs::read_dir(root.join("b"))
+        .expect("read b")
+        .map(|item| {
+            let item = item.unwrap();
+            (item.file_name().to_string_lossy().to_string(), item.metadata().expect("lstat an entry of b"))
+        })
+        .collect();
+    assert_eq!(listed["two"].mode(), 0o100600, "the mode of b/two next to its directory entry");
+    assert_eq!(listed["two"].uid(), 4321, "the owner of b/two next to its directory entry");
+    assert_eq!(listed["plain"].uid(), 777, "the owner of b/plain next to its directory entry");
+    assert_eq!(listed["two"].ino(), two.ino(), "readdir and lookup give the same inode");
 }
 
 #[test]
@@ -238,4 +250,13 @@ fn change_after_walk_ahead_seen_after_ttl() {
     assert_eq!(after.mode(), 0o100600, "the new mode after the TTL");
     assert_eq!(after.uid(), 4321, "the new owner after the TTL");
     assert_eq!(after.len(), 15, "the new size after the TTL");
+
+    put_with_meta(&bucket, "d/f", b"third\n", 0o100604, 99);
+    std::thread::sleep(Duration::from_millis(1_500));
+    let entries: Vec<_> = std::fs::read_dir(root.join("d")).expect("read d").map(|e| e.unwrap()).collect();
+    assert_eq!(entries.len(), 1);
+    let listed = entries[0].metadata().expect("lstat d/f after readdir");
+    assert_eq!(listed.mode(), 0o100604, "the newest mode after readdir");
+    assert_eq!(listed.uid(), 99, "the newest owner after readdir");
+    assert_eq!(listed.len(), 6, "the newest size after readdir");
 }
