@@ -444,9 +444,13 @@ def render_cache(add, results):
     add("|---|---|")
     for key, label in (("cache.limit", "`max_size`"),
                        ("cache.peak", "Peak disk usage of the files in the cache directory (allocated blocks)"),
-                       ("cache.peak_apparent", "Peak size of the files in the cache directory (file sizes)"),
+                       ("cache.peak_apparent", "Peak apparent size of the files in the cache directory (`st_size`)"),
                        ("cache.rss", "Peak daemon RSS (sampled)")):
         add(f"| {label} | {value_cell(Metric(results, 'cache', key))} |")
+    add("")
+    add("datanet keeps each cached object in one sparse file, with its blocks at their own offsets and")
+    add("evicted blocks punched out, so the apparent size can exceed the limit; the limit applies to the")
+    add("allocated blocks.")
     add("")
 
 
