@@ -866,6 +866,11 @@ impl DatanetFs {
     }
 
     pub async fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_bytes(fh, offset, Bytes::copy_from_slice(data)).await
+    }
+
+    /// Writes `data` through the handle `fh`; a streamed upload may keep the buffer.
+    pub async fn write_bytes(&self, fh: u64, offset: u64, data: Bytes) -> FsResult<u32> {
         let (ino, space, writer, append) = {
             let files = lock(&self.files);
             let file = files.get(&fh).ok_or_else(|| FsError::new(libc::EBADF, format!("unknown file handle {fh}")))?;
@@ -875,9 +880,9 @@ impl DatanetFs {
         let written = if append {
             // The end is found and written under one lock, so a truncate through
             // another handle never leaves a hole before the appended bytes.
-            writer.append(data).await?
+            writer.append_bytes(data).await?
         } else {
-            writer.write(offset, data).await?
+            writer.write_bytes(offset, data).await?
         };
         self.start_stream_if_ready(ino, space, &writer).await;
         Ok(written)

@@ -312,7 +312,7 @@ impl Filesystem for FuseAdapter {
         let fs = Arc::clone(&self.fs);
         let data = data.to_vec();
         self.spawn("write", req, ino.0, async move {
-            match fs.write(fh.0, offset, &data).await {
+            match fs.write_bytes(fh.0, offset, data.into()).await {
                 Ok(written) => reply.written(written),
                 Err(err) => reply.error(errno(&err)),
             }

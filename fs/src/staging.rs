@@ -240,10 +240,12 @@ impl Staging {
 
     /// Writes `data` at the end of the file. The end is read under the same lock, so a
     /// concurrent truncate comes wholly before or after the write.
-    pub async fn append(&self, data: &[u8]) -> Result<usize, StagingError> {
+    /// Returns the offset of the written bytes and their count.
+    pub async fn append(&self, data: &[u8]) -> Result<(u64, usize), StagingError> {
         let mut state = self.state.write().await;
         let offset = state.size;
-        self.write_locked(&mut state, offset, data)
+        let written = self.write_locked(&mut state, offset, data)?;
+        Ok((offset, written))
     }
 
     fn write_locked(&self, state: &mut State, offset: u64, data: &[u8]) -> Result<usize, StagingError> {

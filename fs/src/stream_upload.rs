@@ -3,10 +3,12 @@
 //! the tail part and CompleteMultipartUpload.
 //!
 //! The writer *seals* each part once all its bytes are final in the staging file (see
-//! [`crate::staging::Staging::final_prefix_len`]), and a background task reads sealed
-//! parts from the staging file and sends them, at most
-//! [`crate::upload::UploadSettings::max_concurrency`] at a time. Memory therefore stays
-//! within that many parts, and a `write` never waits for the network.
+//! [`crate::staging::Staging::final_prefix_len`]), and a background task sends sealed
+//! parts, at most [`crate::upload::UploadSettings::max_concurrency`] at a time. A part
+//! is sent from the buffers of the `write` requests that filled it when they continue
+//! one another, which saves reading it back from the staging file, and is read from
+//! the staging file otherwise. Memory stays within `max_concurrency` +
+//! [`MAX_QUEUED_BUFFERED_PARTS`] + 1 parts, and a `write` never waits for the network.
 //!
 //! Invariants: the owner of a [`StreamedUpload`] accepts no change below
 //! [`StreamedUpload::sealed_end`] without dropping the stream first, so a completed
@@ -15,15 +17,17 @@
 //! process leaves an incomplete multipart upload, which is never visible as an object;
 //! only the store's lifecycle rules remove it.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use object_store::path::Path as ObjectPath;
-use object_store::{MultipartUpload, ObjectStore, PutMultipartOptions, PutResult};
+use bytes::Bytes;
+use object_store::{MultipartUpload, ObjectStore, PutMultipartOptions, PutPayload, PutResult};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::posix_meta::PosixMeta;
@@ -36,9 +40,15 @@ const ABORT_ATTEMPTS: u32 = 12;
 const ABORT_RETRY_MIN: Duration = Duration::from_secs(1);
 const ABORT_RETRY_MAX: Duration = Duration::from_secs(60);
 
+/// Parts kept in memory while they wait for a slot among the parts in flight. When
+/// more are waiting, further parts are read from the staging file when their turn comes.
+pub const MAX_QUEUED_BUFFERED_PARTS: usize = 2;
+
 enum Command {
     /// Sends this range of the staging file as the next part.
     Part(Range<u64>),
+    /// Sends these bytes, buffered from `write` requests, as the next part.
+    BufferedPart(PutPayload),
     /// Sends `tail` (when not empty) as the last part and completes the upload.
     Finish {
         tail: Range<u64>,
@@ -63,6 +73,13 @@ pub struct StreamedUpload {
     /// still queued and aborts at once.
     cancelled: Arc<AtomicBool>,
     finished: bool,
+    /// Buffers of the `write` requests since the stream started that continue one
+    /// another: they contain the bytes from `buffered_start`, equal to the staging file.
+    buffered: VecDeque<Bytes>,
+    buffered_start: u64,
+    buffered_len: u64,
+    /// `BufferedPart` commands that the task has not started yet.
+    queued_buffered_parts: Arc<AtomicUsize>,
 }
 
 impl Drop for StreamedUpload {
@@ -99,8 +116,10 @@ impl StreamedUpload {
         let (commands, receiver) = mpsc::unbounded_channel();
         let failed = Arc::new(AtomicBool::new(false));
         let cancelled = Arc::new(AtomicBool::new(false));
+        let queued_buffered_parts = Arc::new(AtomicUsize::new(0));
         let task = StreamTask {
             cancelled: Arc::clone(&cancelled),
+            queued_buffered_parts: Arc::clone(&queued_buffered_parts),
             store: target.store,
             path: target.path.clone(),
             source: FileSource::new(file, file_name),
@@ -119,6 +138,10 @@ impl StreamedUpload {
             failed,
             cancelled,
             finished: false,
+            buffered: VecDeque::new(),
+            buffered_start: 0,
+            buffered_len: 0,
+            queued_buffered_parts,
         }
     }
 
@@ -142,16 +165,66 @@ impl StreamedUpload {
         self.failed.load(Ordering::SeqCst)
     }
 
+    /// Records that `data` was written to the staging file at `offset`, above
+    /// [`StreamedUpload::sealed_end`]. A buffer that continues the ones kept is kept too;
+    /// any other write drops them, so the kept bytes always equal the staging file's.
+    pub fn record_write(&mut self, offset: u64, data: &Bytes) {
+        if self.buffered_len > 0 && offset != self.buffered_start + self.buffered_len {
+            self.buffered.clear();
+            self.buffered_len = 0;
+        }
+        if self.buffered_len == 0 {
+            self.buffered_start = offset;
+        }
+        self.buffered.push_back(data.clone());
+        self.buffered_len += data.len() as u64;
+    }
+
+    /// Drops the kept buffers, for a change to the staging file other than a write.
+    pub fn forget_buffers(&mut self) {
+        self.buffered.clear();
+        self.buffered_len = 0;
+    }
+
     /// Seals every whole part below `final_len`, the length of the prefix whose bytes no
     /// longer change.
     pub fn seal_up_to(&mut self, final_len: u64) {
         while self.sealed_end + self.part_size_bytes <= final_len {
             let part = self.sealed_end..self.sealed_end + self.part_size_bytes;
-            if self.commands.send(Command::Part(part.clone())).is_err() {
+            let command = match self.take_buffered(part.clone()) {
+                Some(payload) => Command::BufferedPart(payload),
+                None => Command::Part(part.clone()),
+            };
+            if self.commands.send(command).is_err() {
                 // The task is gone only after a failure, which `finish` reports.
                 return;
             }
             self.sealed_end = part.end;
+        }
+    }
+
+    /// Returns the kept bytes of `part` when they cover it and few buffered parts wait
+    /// already. Drops every kept byte below `part.end` in any case.
+    fn take_buffered(&mut self, part: Range<u64>) -> Option<PutPayload> {
+        let covered = self.buffered_start == part.start && self.buffered_len >= part.end - part.start;
+        let room = self.queued_buffered_parts.load(Ordering::SeqCst) < MAX_QUEUED_BUFFERED_PARTS;
+        let mut chunks = Vec::new();
+        while self.buffered_len > 0 && self.buffered_start < part.end {
+            let mut front = self.buffered.pop_front().expect("buffered_len counts the buffers");
+            let wanted = part.end - self.buffered_start;
+            if front.len() as u64 > wanted {
+                let rest = front.split_off(wanted as usize);
+                self.buffered.push_front(rest);
+            }
+            self.buffered_start += front.len() as u64;
+            self.buffered_len -= front.len() as u64;
+            chunks.push(front);
+        }
+        if covered && room {
+            self.queued_buffered_parts.fetch_add(1, Ordering::SeqCst);
+            Some(chunks.into_iter().collect())
+        } else {
+            None
         }
     }
 
@@ -161,6 +234,9 @@ impl StreamedUpload {
         self.finished = true;
         let (reply, result) = oneshot::channel();
         let tail = self.sealed_end..len.max(self.sealed_end);
+        // The tail goes as a range: reading it back is cheap next to the rest, and the
+        // kept buffers may end before `len` after a truncate that extended the file.
+        self.forget_buffers();
         let stopped = || UploadError::StreamStopped { path: self.path.to_string() };
         self.commands.send(Command::Finish { tail, reply }).map_err(|_| stopped())?;
         result.await.map_err(|_| stopped())?
@@ -175,6 +251,7 @@ struct StreamTask {
     max_in_flight: usize,
     failed: Arc<AtomicBool>,
     cancelled: Arc<AtomicBool>,
+    queued_buffered_parts: Arc<AtomicUsize>,
 }
 
 /// A part request, spawned so that it progresses while the task waits for commands.
@@ -196,7 +273,7 @@ impl StreamTask {
         let mut sender = PartSender { upload, in_flight: FuturesUnordered::new(), path: self.path.clone() };
         let error = loop {
             let command = match commands.recv().await {
-                Some(Command::Part(_)) if self.cancelled.load(Ordering::SeqCst) => None,
+                Some(Command::Part(_) | Command::BufferedPart(_)) if self.cancelled.load(Ordering::SeqCst) => None,
                 command => command,
             };
             let Some(command) = command else {
@@ -207,6 +284,12 @@ impl StreamTask {
             match command {
                 Command::Part(range) => {
                     if let Err(err) = self.send_part(&mut sender, range).await {
+                        break err;
+                    }
+                }
+                Command::BufferedPart(payload) => {
+                    let sent = self.send_buffered_part(&mut sender, payload).await;
+                    if let Err(err) = sent {
                         break err;
                     }
                 }
@@ -232,10 +315,16 @@ impl StreamTask {
         reply_failed(&mut commands, error).await;
     }
 
+    async fn send_buffered_part(&self, sender: &mut PartSender, payload: PutPayload) -> Result<(), UploadError> {
+        let waited = sender.wait_for_slot(self.max_in_flight).await;
+        self.queued_buffered_parts.fetch_sub(1, Ordering::SeqCst);
+        waited?;
+        sender.in_flight.push(tokio::spawn(sender.upload.put_part(payload)));
+        Ok(())
+    }
+
     async fn send_part(&self, sender: &mut PartSender, range: Range<u64>) -> Result<(), UploadError> {
-        while sender.in_flight.len() >= self.max_in_flight {
-            sender.wait_one().await?;
-        }
+        sender.wait_for_slot(self.max_in_flight).await?;
         let bytes = self.source.read(range.start, range.end - range.start).await?;
         sender.in_flight.push(tokio::spawn(sender.upload.put_part(bytes.into())));
         Ok(())
@@ -262,6 +351,13 @@ struct PartSender {
 }
 
 impl PartSender {
+    async fn wait_for_slot(&mut self, max_in_flight: usize) -> Result<(), UploadError> {
+        while self.in_flight.len() >= max_in_flight {
+            self.wait_one().await?;
+        }
+        Ok(())
+    }
+
     async fn wait_one(&mut self) -> Result<(), UploadError> {
         match self.in_flight.next().await {
             Some(Ok(result)) => Ok(result?),
@@ -310,5 +406,71 @@ async fn reply_failed(commands: &mut mpsc::UnboundedReceiver<Command>, error: Up
             let _ = reply.send(Err(error));
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+    use object_store::ObjectStoreExt;
+    use std::io::Write;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 13 % 251) as u8).collect()
+    }
+
+    fn start(store: &Arc<dyn ObjectStore>, file: &Arc<File>) -> StreamedUpload {
+        let target = StreamTarget {
+            store: Arc::clone(store),
+            path: ObjectPath::from("object"),
+            meta: PosixMeta::default(),
+            attributes: object_store::Attributes::new(),
+            part_size_bytes: 1000,
+            max_concurrency: 2,
+        };
+        StreamedUpload::start(target, Arc::clone(file), "staging".into())
+    }
+
+    #[tokio::test]
+    async fn buffered_and_file_parts_complete() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let data = pattern(3700);
+        let mut staging = tempfile::tempfile().unwrap();
+        staging.write_all(&data).unwrap();
+        let file = Arc::new(staging);
+        let mut upload = start(&store, &file);
+
+        // The first 1100 bytes were written before the stream started: read from the file.
+        upload.seal_up_to(1100);
+        assert_eq!(upload.sealed_end(), 1000);
+        for offset in (1100..3700).step_by(300) {
+            let end = (offset + 300).min(3700);
+            upload.record_write(offset as u64, &Bytes::copy_from_slice(&data[offset..end]));
+            upload.seal_up_to(end as u64);
+        }
+        assert_eq!(upload.sealed_end(), 3000);
+        assert_eq!(upload.buffered_start, 3000, "buffers below the sealed boundary are dropped");
+        assert_eq!(upload.buffered_len, 700);
+
+        upload.finish(3700).await.unwrap();
+        let stored = store.get(&ObjectPath::from("object")).await.unwrap().bytes().await.unwrap();
+        assert!(stored.as_ref() == data.as_slice(), "content differs");
+    }
+
+    #[tokio::test]
+    async fn overlapping_write_drops_buffers() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let mut upload = start(&store, &file);
+
+        upload.record_write(0, &Bytes::from_static(&[1; 600]));
+        upload.record_write(600, &Bytes::from_static(&[2; 300]));
+        assert_eq!(upload.buffered_len, 900);
+        upload.record_write(100, &Bytes::from_static(&[3; 50]));
+        assert_eq!(upload.buffered_start, 100, "kept buffers must restart at the rewrite");
+        assert_eq!(upload.buffered_len, 50);
+        assert!(upload.take_buffered(0..1000).is_none(), "a part not covered by the buffers needs the file");
+        assert_eq!(upload.buffered_len, 0);
     }
 }

@@ -74,8 +74,11 @@ impl StreamSlot {
         self.broken = true;
     }
 
-    fn seal(&mut self, final_len: u64) {
+    /// Hands the stream a write above its boundary, then seals the parts that became
+    /// final.
+    fn record_write(&mut self, offset: u64, data: &Bytes, final_len: u64) {
         if let Some(upload) = &mut self.upload {
+            upload.record_write(offset, data);
             upload.seal_up_to(final_len);
         }
     }
@@ -133,13 +136,19 @@ impl Writer {
     }
 
     pub async fn write(&self, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_bytes(offset, Bytes::copy_from_slice(data)).await
+    }
+
+    /// Writes `data` at `offset`. A streamed upload may keep the buffer to send it
+    /// without reading it back from the staging file.
+    pub async fn write_bytes(&self, offset: u64, data: Bytes) -> FsResult<u32> {
         let mut stream = self.stream.lock().await;
         if stream.upload.as_ref().is_some_and(|upload| offset < upload.sealed_end()) {
             stream.break_pattern("a write below the streamed boundary");
         }
 
-        let written = self.staging.write(offset, data).await.map_err(staging_error)?;
-        stream.seal(self.staging.final_prefix_len());
+        let written = self.staging.write(offset, &data).await.map_err(staging_error)?;
+        stream.record_write(offset, &data, self.staging.final_prefix_len());
         drop(stream);
 
         self.touch_mtime();
@@ -147,10 +156,10 @@ impl Writer {
     }
 
     /// Writes `data` at the end of the file (`O_APPEND`).
-    pub async fn append(&self, data: &[u8]) -> FsResult<u32> {
+    pub async fn append_bytes(&self, data: Bytes) -> FsResult<u32> {
         let mut stream = self.stream.lock().await;
-        let written = self.staging.append(data).await.map_err(staging_error)?;
-        stream.seal(self.staging.final_prefix_len());
+        let (offset, written) = self.staging.append(&data).await.map_err(staging_error)?;
+        stream.record_write(offset, &data, self.staging.final_prefix_len());
         drop(stream);
 
         self.touch_mtime();
@@ -163,6 +172,11 @@ impl Writer {
     pub fn should_start_stream(&self, settings: &UploadSettings) -> bool {
         let min_len = settings.multipart_threshold_bytes.max(settings.part_size_bytes);
         if self.staging.final_prefix_len() < min_len || !self.staging.is_dirty() || self.is_unlinked() {
+            return false;
+        }
+        // A stored mtime follows every write (see `touch_mtime`), so the metadata at
+        // flush would never match the metadata the stream was created with.
+        if self.meta.lock().unwrap_or_else(|e| e.into_inner()).mtime.is_some() {
             return false;
         }
         // A locked slot means another request is changing it; it checks again.
@@ -222,6 +236,9 @@ impl Writer {
         let mut stream = self.stream.lock().await;
         if stream.upload.as_ref().is_some_and(|upload| len < upload.sealed_end()) {
             stream.break_pattern("a truncate below the streamed boundary");
+        }
+        if let Some(upload) = &mut stream.upload {
+            upload.forget_buffers();
         }
         self.staging.truncate(len).await.map_err(staging_error)
     }
@@ -474,6 +491,22 @@ mod tests {
         let (content, meta) = stored(&handle, "mode").await;
         assert!(content == data);
         assert_eq!(meta.mode, Some(0o100600), "metadata changed during the stream is lost");
+    }
+
+    #[tokio::test]
+    async fn stored_mtime_prevents_stream() {
+        let dir = tempfile::tempdir().unwrap();
+        let handle = memory_handle();
+        let writer = new_writer(dir.path());
+        writer.update_meta(|meta| meta.mtime = Some(SystemTime::UNIX_EPOCH));
+        let data = pattern(2500, 9);
+        write_streaming(&writer, &handle, "mtime", &data, 500).await;
+        assert_eq!(sealed_end(&writer).await, None, "a stream started although every write changes the mtime");
+
+        writer.upload(&handle, &handle.meta_target, "mtime", &settings()).await.unwrap().unwrap();
+        let (content, meta) = stored(&handle, "mtime").await;
+        assert!(content == data);
+        assert_eq!(meta.mtime, writer.meta().mtime);
     }
 
     #[tokio::test]

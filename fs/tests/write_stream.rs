@@ -7,6 +7,7 @@ mod write_support;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use write_support::mount::{Mounted, MountSettings};
@@ -16,6 +17,14 @@ const MIB: usize = 1 << 20;
 
 /// Larger than two parts of the default 16 MiB, so two parts stream before `close`.
 const STREAMED_BYTES: usize = 40 * MIB;
+
+/// Runs the tests of this file one at a time. A child process that another test starts
+/// (a mount, the garage CLI) inherits and closes the descriptors of this process, and
+/// every close of a file on the mount is a FUSE flush, which would upload an open file.
+fn serial() -> MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Polls until `check` returns true or `timeout` has passed.
 fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
@@ -51,6 +60,7 @@ fn assert_no_unfinished_uploads(m: &Mounted, timeout: Duration) {
 
 #[test]
 fn sequential_write_streams_parts() {
+    let _serial = serial();
     let m = Mounted::start(&stack_garage(), "stream-seq", MountSettings::default());
     let data = pattern(STREAMED_BYTES, 21);
     let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(m.path("seq.bin")).unwrap();
@@ -72,6 +82,7 @@ fn sequential_write_streams_parts() {
 
 #[test]
 fn metadata_changed_mid_stream_kept() {
+    let _serial = serial();
     let m = Mounted::start(&stack_garage(), "stream-meta", MountSettings::default());
     let data = pattern(STREAMED_BYTES, 22);
     let mut file = File::create(m.path("meta.bin")).unwrap();
@@ -93,6 +104,7 @@ fn metadata_changed_mid_stream_kept() {
 
 #[test]
 fn backwards_write_after_streamed_parts() {
+    let _serial = serial();
     let m = Mounted::start(&stack_garage(), "stream-back", MountSettings::default());
     let mut expected = pattern(STREAMED_BYTES + 5 * MIB, 23);
     let mut file = File::create(m.path("back.bin")).unwrap();
@@ -111,6 +123,7 @@ fn backwards_write_after_streamed_parts() {
 
 #[test]
 fn unlink_during_streamed_write() {
+    let _serial = serial();
     let m = Mounted::start(&stack_garage(), "stream-unlink", MountSettings::default());
     let data = pattern(STREAMED_BYTES, 24);
     let mut file = File::create(m.path("gone.bin")).unwrap();
@@ -130,6 +143,7 @@ fn unlink_during_streamed_write() {
 /// aborted once Garage is back, and the next `close` stores the whole file.
 #[test]
 fn garage_stopped_fails_streamed_fsync() {
+    let _serial = serial();
     let garage = PrivateGarage::start("stream-outage");
     let m = Mounted::start(&garage.garage, "stream-outage", MountSettings::default());
     let restart = garage.prepare_restart();
