@@ -814,7 +814,8 @@ impl DatanetFs {
 
     // -- writing -----------------------------------------------------------------------
 
-    /// Creates and opens a new file. Nothing is uploaded until flush, fsync or close.
+    /// Creates and opens a new file. The object appears in the store at the first flush,
+    /// fsync or close. A large file written in order sends its parts earlier ([`crate::write`]).
     pub async fn create(&self, parent: u64, name: &OsStr, mode: u32, flags: i32, caller: Caller) -> FsResult<(Attr, Opened)> {
         let (space, dir) = self.dir_target(parent)?;
         let name = validate_name(name)?;

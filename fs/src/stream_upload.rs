@@ -7,8 +7,9 @@
 //! parts, at most [`crate::upload::UploadSettings::max_concurrency`] at a time. A part
 //! is sent from the buffers of the `write` requests that filled it when they continue
 //! one another, which saves reading it back from the staging file, and is read from
-//! the staging file otherwise. Memory stays within `max_concurrency` +
-//! [`MAX_QUEUED_BUFFERED_PARTS`] + 1 parts, and a `write` never waits for the network.
+//! the staging file otherwise. A stream holds at most `max_concurrency` +
+//! [`MAX_QUEUED_BUFFERED_PARTS`] + 1 parts and one `write` buffer in memory, and a
+//! `write` never waits for the network.
 //!
 //! Invariants: the owner of a [`StreamedUpload`] accepts no change below
 //! [`StreamedUpload::sealed_end`] without dropping the stream first, so a completed
@@ -67,7 +68,7 @@ pub struct StreamedUpload {
     /// Bytes below this offset are handed to the background task as parts.
     sealed_end: u64,
     commands: mpsc::UnboundedSender<Command>,
-    /// Set by the background task when a request failed; the upload is aborted then.
+    /// Set by the background task when a request failed. The task aborts the upload then.
     failed: Arc<AtomicBool>,
     /// Set when this handle is dropped unfinished, so that the task skips the parts
     /// still queued and aborts at once.
@@ -111,7 +112,7 @@ pub struct StreamTarget {
 
 impl StreamedUpload {
     /// Starts the background task, which creates the multipart upload. Must run inside
-    /// a tokio runtime. `file` is the staging file; `file_name` names it in errors.
+    /// a tokio runtime. `file` is the staging file, and `file_name` names it in errors.
     pub fn start(target: StreamTarget, file: Arc<File>, file_name: String) -> StreamedUpload {
         let (commands, receiver) = mpsc::unbounded_channel();
         let failed = Arc::new(AtomicBool::new(false));
@@ -166,8 +167,8 @@ impl StreamedUpload {
     }
 
     /// Records that `data` was written to the staging file at `offset`, above
-    /// [`StreamedUpload::sealed_end`]. A buffer that continues the ones kept is kept too;
-    /// any other write drops them, so the kept bytes always equal the staging file's.
+    /// [`StreamedUpload::sealed_end`]. A buffer that continues the ones kept is kept too.
+    /// Any other write drops them, so the kept bytes always equal the staging file's.
     pub fn record_write(&mut self, offset: u64, data: &Bytes) {
         if self.buffered_len > 0 && offset != self.buffered_start + self.buffered_len {
             self.buffered.clear();
@@ -211,9 +212,9 @@ impl StreamedUpload {
         let mut chunks = Vec::new();
         while self.buffered_len > 0 && self.buffered_start < part.end {
             let mut front = self.buffered.pop_front().expect("buffered_len counts the buffers");
-            let wanted = part.end - self.buffered_start;
-            if front.len() as u64 > wanted {
-                let rest = front.split_off(wanted as usize);
+            let needed = part.end - self.buffered_start;
+            if front.len() as u64 > needed {
+                let rest = front.split_off(needed as usize);
                 self.buffered.push_front(rest);
             }
             self.buffered_start += front.len() as u64;

@@ -324,7 +324,7 @@ pub(crate) struct FileSource {
 }
 
 impl FileSource {
-    /// Reads `file`; `path` names it in errors.
+    /// Reads from `file`, which `path` names in errors.
     pub(crate) fn new(file: Arc<File>, path: String) -> FileSource {
         FileSource { file, path }
     }

@@ -11,10 +11,9 @@
 //! A file written from offset 0 onwards streams its whole parts to the store while it is
 //! written ([`crate::stream_upload`]), so that `flush` sends only the tail. The stream is
 //! dropped (and its multipart upload aborted) when the pattern breaks: a write or
-//! truncate below the streamed boundary, unlink, or an upload attempt. `flush` uses the
-//! stream only when the object key and the metadata still match what the stream was
-//! created with, because CreateMultipartUpload fixes both; otherwise it uploads the whole
-//! file with [`crate::upload::upload_file`].
+//! truncate below the streamed boundary, unlink, or an upload attempt. CreateMultipartUpload
+//! fixes the object key and the metadata, so `flush` uses the stream only when both still
+//! match. Otherwise it uploads the whole file with [`crate::upload::upload_file`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -83,7 +82,7 @@ impl StreamSlot {
         }
     }
 
-    /// Takes the streamed upload when it can complete the object `path` with `meta`;
+    /// Takes the streamed upload when it can complete the object `path` with `meta`, and
     /// drops it otherwise.
     fn take_usable(&mut self, path: &object_store::path::Path, meta: &PosixMeta) -> Option<StreamedUpload> {
         let upload = self.upload.take()?;
@@ -179,7 +178,7 @@ impl Writer {
         if self.meta.lock().unwrap_or_else(|e| e.into_inner()).mtime.is_some() {
             return false;
         }
-        // A locked slot means another request is changing it; it checks again.
+        // A locked slot means that another request is changing it and checks again.
         match self.stream.try_lock() {
             Ok(slot) => slot.upload.is_none() && !slot.broken,
             Err(_) => false,

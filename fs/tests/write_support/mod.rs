@@ -100,7 +100,7 @@ impl Garage {
 
     /// Counts the unfinished multipart uploads of `bucket` with a ListMultipartUploads
     /// request sent from this process. Unlike [`Garage::unfinished_uploads`] it starts no
-    /// child process, so it can run while the test holds a file of the mount open: a
+    /// child process, so it can run while the test keeps a file of the mount open: a
     /// child closes its inherited copy of the descriptor, and every close is a FUSE flush.
     pub fn multipart_uploads(&self, bucket: &str) -> usize {
         use datanet::sigv4::{BucketAddress, SigningKey, EMPTY_SHA256};
@@ -237,7 +237,7 @@ impl PrivateGarage {
     }
 
     /// Starts a child now that restarts Garage when [`PendingRestart::run`] is called.
-    /// A test that holds a file of a mount open uses it because every child forked
+    /// A test that keeps a file of a mount open uses it because every child forked
     /// while the file is open closes its inherited descriptor, and each close is a
     /// FUSE flush, which would upload the file.
     pub fn prepare_restart(&self) -> PendingRestart {
