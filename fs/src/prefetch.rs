@@ -41,7 +41,12 @@ pub const MAX_RUN_BLOCKS: u64 = 16;
 /// read still counts as sequential.
 const KEEP_BEHIND_BLOCKS: u64 = 4;
 
-/// Idle block buffers kept for reuse at most (see [`crate::block_pool`]).
+/// How far ahead of the head a read still counts as sequential, in blocks, however small
+/// the window is. The kernel's own read-ahead (4 MiB, see [`crate::mount`]) sends several
+/// reads at once, and they can reach the reader in any order.
+const REORDER_BLOCKS: u64 = 8;
+
+/// Maximum number of idle block buffers kept for reuse (see [`crate::block_pool`]).
 const MAX_IDLE_BUFFERS: usize = 16;
 
 /// The global memory budget of read-ahead, in blocks, and the buffers blocks are read into.
@@ -155,10 +160,11 @@ impl ObjectReader {
             // can arrive slightly out of order: a read just behind the head of the stream
             // or within the window ahead of it still counts as sequential.
             let head = state.next_offset;
-            let near_head = offset + KEEP_BEHIND_BLOCKS * BLOCK_BYTES >= head && offset <= head + state.window_blocks * BLOCK_BYTES;
+            let reach = state.window_blocks.max(REORDER_BLOCKS) * BLOCK_BYTES;
+            let near_head = offset + KEEP_BEHIND_BLOCKS * BLOCK_BYTES >= head && offset <= head + reach;
             let sequential = near_head || state.blocks.contains_key(&first);
             if sequential {
-                if offset >= head && offset != 0 {
+                if end > head && offset != 0 {
                     state.window_blocks = (state.window_blocks * 2).min(MAX_WINDOW_BLOCKS);
                 }
             } else {
@@ -366,7 +372,7 @@ impl BlockRequest {
         }
     }
 
-    /// The run's blocks when the data cache holds every one of them.
+    /// Returns the run's blocks when the data cache contains every one of them.
     async fn cached_blocks(&self) -> Option<Vec<Bytes>> {
         let cache = Arc::clone(self.cache.as_ref()?);
         let keys: Vec<(BlockKey, u64)> = (self.first..self.first + self.count)
@@ -415,7 +421,7 @@ impl BlockRequest {
             let mut rest = &chunk[..];
             while !rest.is_empty() {
                 if index == end_index {
-                    return Err(FsError::io(format!("{what}: more than the {} bytes asked for at offset {start}", end - start)));
+                    return Err(FsError::io(format!("{what}: response longer than the {} bytes requested at offset {start}", end - start)));
                 }
                 let range = self.block_range(index);
                 let block_len = (range.end - range.start) as usize;
@@ -539,6 +545,28 @@ mod tests {
         // Runs grow 1, 1, 2, 4, 8 blocks while the window opens, then 16 blocks each.
         assert!(gets <= 256 / MAX_RUN_BLOCKS + 8, "{gets} GETs for 256 blocks");
         assert_eq!(store.largest_range.load(std::sync::atomic::Ordering::SeqCst), MAX_RUN_BLOCKS * BLOCK_BYTES);
+    }
+
+    #[tokio::test]
+    async fn reordered_parallel_reads_use_large_gets() {
+        // Kernel read-ahead sends several reads at once, and they may reach the reader in
+        // any order: here four at a time, the last one first.
+        let (store, data, etag) = counted_object(256 * BLOCK_BYTES as usize).await;
+        let reader = ObjectReader::new(store.clone(), "s", "obj", etag, data.len() as u64, None, ReadBudget::new(64 << 20));
+        let mut out = vec![0u8; data.len()];
+        for group in (0..256u64).step_by(4) {
+            let reads = (group..group + 4).rev().map(|index| {
+                let reader = &reader;
+                async move { (index, reader.read(index * BLOCK_BYTES, BLOCK_BYTES as u32).await.unwrap()) }
+            });
+            for (index, block) in futures::future::join_all(reads).await {
+                let at = (index * BLOCK_BYTES) as usize;
+                out[at..at + block.len()].copy_from_slice(&block);
+            }
+        }
+        assert!(out == data);
+        let gets = store.gets.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(gets <= 256 / MAX_RUN_BLOCKS + 12, "{gets} GETs for 256 blocks");
     }
 
     #[tokio::test]
