@@ -7,9 +7,11 @@
 //! parts, at most [`crate::upload::UploadSettings::max_concurrency`] at a time. A part
 //! is sent from the buffers of the `write` requests that filled it when they continue
 //! one another, which saves reading it back from the staging file, and is read from
-//! the staging file otherwise. A stream holds at most `max_concurrency` +
-//! [`MAX_QUEUED_BUFFERED_PARTS`] + 1 parts and one `write` buffer in memory, and a
-//! `write` never waits for the network.
+//! the staging file otherwise. All streams together hold at most
+//! [`MAX_PARTS_IN_FLIGHT`] parts in flight, [`MAX_QUEUED_BUFFERED_PARTS`] buffered parts
+//! waiting for a slot and [`MAX_KEPT_BYTES`] of kept `write` buffers, so memory stays
+//! bounded however many files are written at once. A `write` never waits for the
+//! network.
 //!
 //! Invariants: the owner of a [`StreamedUpload`] accepts no change below
 //! [`StreamedUpload::sealed_end`] without dropping the stream first, so a completed
@@ -21,7 +23,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +31,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use object_store::path::Path as ObjectPath;
 use bytes::Bytes;
 use object_store::{MultipartUpload, ObjectStore, PutMultipartOptions, PutPayload, PutResult};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore, SemaphorePermit};
 
 use crate::posix_meta::PosixMeta;
 use crate::upload::{FileSource, UploadError};
@@ -41,15 +43,60 @@ const ABORT_ATTEMPTS: u32 = 12;
 const ABORT_RETRY_MIN: Duration = Duration::from_secs(1);
 const ABORT_RETRY_MAX: Duration = Duration::from_secs(60);
 
-/// Parts kept in memory while they wait for a slot among the parts in flight. When
-/// more are waiting, further parts are read from the staging file when their turn comes.
-pub const MAX_QUEUED_BUFFERED_PARTS: usize = 2;
+/// Parts of all streams in flight at once (256 MiB with the default 16 MiB parts).
+pub const MAX_PARTS_IN_FLIGHT: usize = 16;
+
+/// Buffered parts of all streams kept in memory while they wait for a slot. When more
+/// are waiting, further parts are read from the staging file when their turn comes.
+pub const MAX_QUEUED_BUFFERED_PARTS: usize = 4;
+
+/// Bytes of `write` buffers that all streams keep before a part is sealed. Beyond it,
+/// a stream keeps none and reads its parts from the staging file.
+pub const MAX_KEPT_BYTES: u64 = 128 << 20;
+
+static PART_SLOTS: Semaphore = Semaphore::const_new(MAX_PARTS_IN_FLIGHT);
+static QUEUED_BUFFERED_PARTS: AtomicUsize = AtomicUsize::new(0);
+static KEPT_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Adds `amount` to `counter` unless the sum would exceed `max`; returns whether it did.
+fn reserve(counter: &AtomicU64, amount: u64, max: u64) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
+            current.checked_add(amount).filter(|sum| *sum <= max)
+        })
+        .is_ok()
+}
+
+/// A buffered part, counted in [`QUEUED_BUFFERED_PARTS`] until it is sent or dropped.
+struct QueuedPart(PutPayload);
+
+impl QueuedPart {
+    /// Counts `payload` as queued, or returns `None` when the queue is full.
+    fn new(payload: PutPayload) -> Option<QueuedPart> {
+        let counted = QUEUED_BUFFERED_PARTS
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |queued| {
+                (queued < MAX_QUEUED_BUFFERED_PARTS).then_some(queued + 1)
+            })
+            .is_ok();
+        counted.then(|| QueuedPart(payload))
+    }
+
+    fn into_payload(mut self) -> PutPayload {
+        std::mem::take(&mut self.0)
+    }
+}
+
+impl Drop for QueuedPart {
+    fn drop(&mut self) {
+        QUEUED_BUFFERED_PARTS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
 
 enum Command {
     /// Sends this range of the staging file as the next part.
     Part(Range<u64>),
     /// Sends these bytes, buffered from `write` requests, as the next part.
-    BufferedPart(PutPayload),
+    BufferedPart(QueuedPart),
     /// Sends `tail` (when not empty) as the last part and completes the upload.
     Finish {
         tail: Range<u64>,
@@ -76,11 +123,10 @@ pub struct StreamedUpload {
     finished: bool,
     /// Buffers of the `write` requests since the stream started that continue one
     /// another: they contain the bytes from `buffered_start`, equal to the staging file.
+    /// Counted in [`KEPT_BYTES`].
     buffered: VecDeque<Bytes>,
     buffered_start: u64,
     buffered_len: u64,
-    /// `BufferedPart` commands that the task has not started yet.
-    queued_buffered_parts: Arc<AtomicUsize>,
 }
 
 impl Drop for StreamedUpload {
@@ -88,6 +134,7 @@ impl Drop for StreamedUpload {
         if !self.finished {
             self.cancelled.store(true, Ordering::SeqCst);
         }
+        self.forget_buffers();
     }
 }
 
@@ -117,10 +164,8 @@ impl StreamedUpload {
         let (commands, receiver) = mpsc::unbounded_channel();
         let failed = Arc::new(AtomicBool::new(false));
         let cancelled = Arc::new(AtomicBool::new(false));
-        let queued_buffered_parts = Arc::new(AtomicUsize::new(0));
         let task = StreamTask {
             cancelled: Arc::clone(&cancelled),
-            queued_buffered_parts: Arc::clone(&queued_buffered_parts),
             store: target.store,
             path: target.path.clone(),
             source: FileSource::new(file, file_name),
@@ -142,7 +187,6 @@ impl StreamedUpload {
             buffered: VecDeque::new(),
             buffered_start: 0,
             buffered_len: 0,
-            queued_buffered_parts,
         }
     }
 
@@ -171,8 +215,11 @@ impl StreamedUpload {
     /// Any other write drops them, so the kept bytes always equal the staging file's.
     pub fn record_write(&mut self, offset: u64, data: &Bytes) {
         if self.buffered_len > 0 && offset != self.buffered_start + self.buffered_len {
-            self.buffered.clear();
-            self.buffered_len = 0;
+            self.forget_buffers();
+        }
+        if !reserve(&KEPT_BYTES, data.len() as u64, MAX_KEPT_BYTES) {
+            self.forget_buffers();
+            return;
         }
         if self.buffered_len == 0 {
             self.buffered_start = offset;
@@ -183,6 +230,7 @@ impl StreamedUpload {
 
     /// Drops the kept buffers, for a change to the staging file other than a write.
     pub fn forget_buffers(&mut self) {
+        KEPT_BYTES.fetch_sub(self.buffered_len, Ordering::SeqCst);
         self.buffered.clear();
         self.buffered_len = 0;
     }
@@ -206,9 +254,9 @@ impl StreamedUpload {
 
     /// Returns the kept bytes of `part` when they cover it and few buffered parts wait
     /// already. Drops every kept byte below `part.end` in any case.
-    fn take_buffered(&mut self, part: Range<u64>) -> Option<PutPayload> {
+    fn take_buffered(&mut self, part: Range<u64>) -> Option<QueuedPart> {
         let covered = self.buffered_start == part.start && self.buffered_len >= part.end - part.start;
-        let room = self.queued_buffered_parts.load(Ordering::SeqCst) < MAX_QUEUED_BUFFERED_PARTS;
+        let before = self.buffered_len;
         let mut chunks = Vec::new();
         while self.buffered_len > 0 && self.buffered_start < part.end {
             let mut front = self.buffered.pop_front().expect("buffered_len counts the buffers");
@@ -221,12 +269,12 @@ impl StreamedUpload {
             self.buffered_len -= front.len() as u64;
             chunks.push(front);
         }
-        if covered && room {
-            self.queued_buffered_parts.fetch_add(1, Ordering::SeqCst);
-            Some(chunks.into_iter().collect())
-        } else {
-            None
+        KEPT_BYTES.fetch_sub(before - self.buffered_len, Ordering::SeqCst);
+
+        if !covered {
+            return None;
         }
+        QueuedPart::new(chunks.into_iter().collect())
     }
 
     /// Sends the bytes from [`StreamedUpload::sealed_end`] to `len` as the last part and
@@ -252,7 +300,6 @@ struct StreamTask {
     max_in_flight: usize,
     failed: Arc<AtomicBool>,
     cancelled: Arc<AtomicBool>,
-    queued_buffered_parts: Arc<AtomicUsize>,
 }
 
 /// A part request, spawned so that it progresses while the task waits for commands.
@@ -316,18 +363,16 @@ impl StreamTask {
         reply_failed(&mut commands, error).await;
     }
 
-    async fn send_buffered_part(&self, sender: &mut PartSender, payload: PutPayload) -> Result<(), UploadError> {
-        let waited = sender.wait_for_slot(self.max_in_flight).await;
-        self.queued_buffered_parts.fetch_sub(1, Ordering::SeqCst);
-        waited?;
-        sender.in_flight.push(tokio::spawn(sender.upload.put_part(payload)));
+    async fn send_buffered_part(&self, sender: &mut PartSender, part: QueuedPart) -> Result<(), UploadError> {
+        let slot = sender.wait_for_slot(self.max_in_flight).await?;
+        sender.spawn_part(part.into_payload(), slot);
         Ok(())
     }
 
     async fn send_part(&self, sender: &mut PartSender, range: Range<u64>) -> Result<(), UploadError> {
-        sender.wait_for_slot(self.max_in_flight).await?;
+        let slot = sender.wait_for_slot(self.max_in_flight).await?;
         let bytes = self.source.read(range.start, range.end - range.start).await?;
-        sender.in_flight.push(tokio::spawn(sender.upload.put_part(bytes.into())));
+        sender.spawn_part(bytes.into(), slot);
         Ok(())
     }
 
@@ -352,11 +397,22 @@ struct PartSender {
 }
 
 impl PartSender {
-    async fn wait_for_slot(&mut self, max_in_flight: usize) -> Result<(), UploadError> {
+    /// Waits until this upload has fewer than `max_in_flight` parts in flight and a slot
+    /// among the parts of all streams is free, and returns that slot.
+    async fn wait_for_slot(&mut self, max_in_flight: usize) -> Result<SemaphorePermit<'static>, UploadError> {
         while self.in_flight.len() >= max_in_flight {
             self.wait_one().await?;
         }
-        Ok(())
+        Ok(PART_SLOTS.acquire().await.expect("the part slots are never closed"))
+    }
+
+    /// Sends `payload` as the next part in a task that frees `slot` when it ends.
+    fn spawn_part(&mut self, payload: PutPayload, slot: SemaphorePermit<'static>) {
+        let part = self.upload.put_part(payload);
+        self.in_flight.push(tokio::spawn(async move {
+            let _slot = slot;
+            part.await
+        }));
     }
 
     async fn wait_one(&mut self) -> Result<(), UploadError> {
@@ -457,6 +513,20 @@ mod tests {
         upload.finish(3700).await.unwrap();
         let stored = store.get(&ObjectPath::from("object")).await.unwrap().bytes().await.unwrap();
         assert!(stored.as_ref() == data.as_slice(), "content differs");
+    }
+
+    #[tokio::test]
+    async fn write_over_budget_not_kept() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let mut upload = start(&store, &file);
+
+        upload.record_write(0, &Bytes::from_static(&[1; 100]));
+        assert_eq!(upload.buffered_len, 100);
+        // Zeroed pages are mapped lazily, so this buffer costs no memory until read.
+        let huge = Bytes::from(vec![0u8; MAX_KEPT_BYTES as usize + 1]);
+        upload.record_write(100, &huge);
+        assert_eq!(upload.buffered_len, 0, "a buffer beyond the budget must not be kept");
     }
 
     #[tokio::test]
