@@ -12,10 +12,14 @@
 //! for take no permit at all. Below one directory that the kernel opened, at most
 //! [`WALK_AHEAD_DIRS`] subdirectories past the last one it opened are listed ahead,
 //! at most [`WALK_AHEAD_LISTINGS`] of them at a time, and none once
-//! [`WALK_AHEAD_MAX_ENTRIES`] entries listed ahead wait unopened. The files of a
-//! directory listed ahead get their metadata read ahead only when there are at most
-//! [`WALK_AHEAD_MAX_ENTRIES`] of them, and otherwise when the kernel opens it.
-//! Walk-ahead never recurses on its own: only a directory the kernel opens starts it.
+//! [`WALK_AHEAD_MAX_ENTRIES`] entries listed ahead wait unopened. Walk-ahead never
+//! recurses on its own: only a directory the kernel opens starts it.
+//!
+//! Listing ahead costs one LIST per directory, but reading metadata costs one HEAD per
+//! entry. So directories listed ahead get the metadata of their entries read ahead
+//! only once the kernel descended into one of their siblings. A tree walk does that,
+//! and a plain `ls` of the parent does not. Directories with more than
+//! [`WALK_AHEAD_MAX_ENTRIES`] files get it only when the kernel opens them.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,8 +38,8 @@ use crate::namespace::{self, SpaceHandle};
 
 /// Background HEAD requests in flight at once over the whole mount. On a 2-core VM
 /// shared with builds, Garage 2.5 served 5,000 HEADs from a tokio client at 2,000 to
-/// 5,400 per second with no consistent gain from 8 to 128 in flight, so the server's
-/// CPU, not this limit, sets the rate there.
+/// 5,400 per second, with no consistent gain from 8 to 128 in flight. There the
+/// server's CPU sets the rate, not this limit.
 pub const META_HEAD_CONCURRENCY: usize = 32;
 
 /// Minimum time between two background HEADs of the same key after listings.
@@ -75,6 +79,8 @@ struct Walk {
     next: usize,
     /// Listings ahead in flight.
     listings_in_flight: usize,
+    /// True once the kernel opened a subdirectory, so the walk reads metadata ahead.
+    descended: bool,
 }
 
 /// Listings and walk-ahead of every space; clones share all state.
@@ -88,7 +94,7 @@ pub struct WalkAhead {
     list_permits: Arc<Semaphore>,
     listings: InFlight<DirKey, FsResult<Listing>>,
     walks: Cache<DirKey, Arc<Mutex<Walk>>>,
-    /// Directories listed ahead whose file metadata waits until the kernel opens them.
+    /// Directories listed ahead whose entries' metadata was not read yet.
     meta_deferred: Cache<DirKey, ()>,
 }
 
@@ -115,7 +121,8 @@ impl WalkAhead {
     }
 
     /// Lists a directory like [`WalkAhead::listing`]. A listing from the store with at
-    /// most `max_files` files gets their metadata read ahead.
+    /// most `max_files` files and `max_files` subdirectories gets the metadata of its
+    /// entries read ahead. Otherwise the directory is marked as deferred.
     async fn listing_with_limit(&self, space: usize, dir: &str, max_files: usize) -> FsResult<Listing> {
         if let Some(listing) = self.meta.listing(space, dir) {
             return Ok(listing);
@@ -156,13 +163,13 @@ impl WalkAhead {
         }
         let listing = self.meta.insert_listing_at(space, dir, Arc::new(entries), requested_at);
 
-        if unknown_files.len() > max_files {
-            if unknown_files.len() <= META_HEAD_MAX_FILES {
+        if unknown_files.len() > max_files || subdirs.len() > max_files {
+            if unknown_files.len() <= META_HEAD_MAX_FILES && subdirs.len() <= META_HEAD_MAX_FILES {
                 self.meta_deferred.insert((space, dir.to_string()), ());
             }
             unknown_files.clear();
+            subdirs.clear();
         }
-        subdirs.truncate(META_HEAD_MAX_FILES);
         if !unknown_files.is_empty() || !subdirs.is_empty() {
             tokio::spawn(self.clone().read_listed_meta(space, unknown_files, subdirs));
         }
@@ -228,7 +235,7 @@ impl WalkAhead {
 
         let walk = self.walks.get_with((space, dir.to_string()), || {
             let subdirs = listing.iter().filter(|e| e.kind == Kind::Dir).map(|e| e.name.clone()).collect();
-            Arc::new(Mutex::new(Walk { subdirs, opened: 0, next: 0, listings_in_flight: 0 }))
+            Arc::new(Mutex::new(Walk { subdirs, opened: 0, next: 0, listings_in_flight: 0, descended: false }))
         });
         self.advance(space, dir, &walk, None);
 
@@ -241,15 +248,35 @@ impl WalkAhead {
         }
     }
 
-    /// Reads the metadata of the files of `dir` that were listed ahead without it.
+    /// Reads the metadata of the entries of `dir` that was listed ahead without it.
     fn read_deferred_meta(&self, space: usize, dir: &str, listing: &Listing) {
-        let files: Vec<String> = listing
-            .iter()
-            .filter(|entry| entry.stat.as_ref().is_some_and(|stat| stat.meta.is_none()))
-            .map(|entry| child_key(dir, &entry.name))
-            .collect();
-        if !files.is_empty() {
-            tokio::spawn(self.clone().read_listed_meta(space, files, Vec::new()));
+        let has_markers = self.spaces[space].markers.is_some();
+        let mut files = Vec::new();
+        let mut subdirs = Vec::new();
+        for entry in listing.iter() {
+            let key = child_key(dir, &entry.name);
+            match &entry.stat {
+                Some(stat) if stat.meta.is_none() => files.push(key),
+                None if entry.kind == Kind::Dir && has_markers && self.dir_meta.cached(space, &key).is_none() => {
+                    subdirs.push(key)
+                }
+                _ => {}
+            }
+        }
+        if !files.is_empty() || !subdirs.is_empty() {
+            tokio::spawn(self.clone().read_listed_meta(space, files, subdirs));
+        }
+    }
+
+    /// Reads the metadata of the entries of `dir` ahead if it is still deferred and has
+    /// at most [`WALK_AHEAD_MAX_ENTRIES`] entries.
+    fn read_ahead_if_deferred(&self, space: usize, dir: &str) {
+        let Some(listing) = self.meta.listing(space, dir) else { return };
+        if listing.len() > WALK_AHEAD_MAX_ENTRIES {
+            return;
+        }
+        if self.meta_deferred.remove(&(space, dir.to_string())).is_some() {
+            self.read_deferred_meta(space, dir, &listing);
         }
     }
 
@@ -261,6 +288,12 @@ impl WalkAhead {
             // Names are sorted by bytes, as in the listing.
             if let Ok(index) = walk.subdirs.binary_search_by(|s| s.as_str().cmp(name)) {
                 walk.opened = walk.opened.max(index + 1);
+            }
+            if !walk.descended {
+                walk.descended = true;
+                for ahead in &walk.subdirs[walk.opened..walk.next] {
+                    self.read_ahead_if_deferred(space, &child_key(parent, ahead));
+                }
             }
         }
         walk.next = walk.next.max(walk.opened);
@@ -289,13 +322,21 @@ impl WalkAhead {
     /// Lists `dir` ahead, then lets the walk of `parent` go on.
     async fn list_ahead(self, space: usize, parent: String, dir: String, walk: Arc<Mutex<Walk>>) {
         if let Ok(_permit) = self.list_permits.acquire().await {
-            if let Err(err) = self.listing_with_limit(space, &dir, WALK_AHEAD_MAX_ENTRIES).await {
+            let descended = walk.lock().unwrap_or_else(|e| e.into_inner()).descended;
+            let max_files = if descended { WALK_AHEAD_MAX_ENTRIES } else { 0 };
+            if let Err(err) = self.listing_with_limit(space, &dir, max_files).await {
                 tracing::debug!(space = self.spaces[space].name(), dir = %dir, error = %err, "walk-ahead listing failed");
             }
         }
-        {
+
+        let descended = {
             let mut state = walk.lock().unwrap_or_else(|e| e.into_inner());
             state.listings_in_flight -= 1;
+            state.descended
+        };
+        if descended {
+            // The kernel may have descended while this listing was in flight.
+            self.read_ahead_if_deferred(space, &dir);
         }
         self.advance(space, &parent, &walk, None);
     }

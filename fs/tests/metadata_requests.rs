@@ -167,16 +167,19 @@ fn walk_ahead_stops_at_limit() {
     assert_eq!(listed_ahead(&requests), WALK_AHEAD_DIRS, "only the first subdirectories are listed ahead");
     let nested = listed_prefixes(&requests, &bucket_name).into_iter().filter(|p| p.ends_with("/sub/")).count();
     assert_eq!(nested, 0, "walk-ahead does not descend on its own");
-    assert_eq!(heads_of(&requests, &bucket_name, &format!("d{:02}/f", dirs - 1)), 0, "files of unlisted directories are not read");
-    wait_for_requests(&proxy, "the HEAD of a file listed ahead", |r| heads_of(r, &bucket_name, "d00/f") == 1);
+    assert_eq!(heads_of(&requests, &bucket_name, "d01/f"), 0, "listing the parent alone reads no file metadata ahead");
 
     std::fs::read_dir(root.join("d00")).expect("read d00").for_each(drop);
+    wait_for_requests(&proxy, "the HEAD of a file in a sibling listed ahead", |r| heads_of(r, &bucket_name, "d01/f") == 1);
     wait_for_requests(&proxy, "one more listing ahead", |r| listed_ahead(r) > WALK_AHEAD_DIRS);
     let next = format!("d{WALK_AHEAD_DIRS:02}/");
     assert!(listed_prefixes(&proxy.requests(), &bucket_name).contains(&next), "opening d00 lists {next} ahead");
     wait_for_requests(&proxy, "the listing of d00/sub", |r| listed_prefixes(r, &bucket_name).iter().any(|p| p == "d00/sub/"));
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(listed_ahead(&proxy.requests()), WALK_AHEAD_DIRS + 1, "the window moves by one directory");
+    let requests = proxy.requests();
+    assert_eq!(listed_ahead(&requests), WALK_AHEAD_DIRS + 1, "the window moves by one directory");
+    let last = format!("d{:02}/f", dirs - 1);
+    assert_eq!(heads_of(&requests, &bucket_name, &last), 0, "files of directories not listed ahead are not read");
 }
 
 #[test]
@@ -195,6 +198,7 @@ fn walk_ahead_metadata_is_correct() {
 
     let root = mount.path("s3");
     std::fs::read_dir(&root).expect("read the space root").for_each(drop);
+    std::fs::read_dir(root.join("a")).expect("read a").for_each(drop);
     wait_for_requests(&proxy, "HEADs of the files below a and b", |r| {
         ["a/one", "b/two", "b/plain"].iter().all(|key| heads_of(r, &bucket_name, key) == 1)
     });
@@ -232,6 +236,7 @@ fn change_after_walk_ahead_seen_after_ttl() {
     let bucket_name = garage.fresh_bucket("walkfresh");
     let bucket = garage.bucket(&bucket_name);
     put_with_meta(&bucket, "d/f", b"first\n", 0o100640, 1234);
+    bucket.put("a/f", b"walked first\n");
 
     let proxy = FaultProxy::start(&garage.endpoint);
     let spaces = garage.space_toml("s3", &bucket_name, Some(&proxy.endpoint()));
@@ -240,6 +245,7 @@ fn change_after_walk_ahead_seen_after_ttl() {
 
     let root = mount.path("s3");
     std::fs::read_dir(&root).expect("read the space root").for_each(drop);
+    std::fs::read_dir(root.join("a")).expect("read a").for_each(drop);
     wait_for_requests(&proxy, "the HEAD of d/f", |r| heads_of(r, &bucket_name, "d/f") == 1);
     let before = std::fs::symlink_metadata(root.join("d/f")).expect("lstat d/f");
     assert_eq!(before.mode(), 0o100640, "the mode read ahead");
