@@ -58,7 +58,7 @@ static PART_SLOTS: Semaphore = Semaphore::const_new(MAX_PARTS_IN_FLIGHT);
 static QUEUED_BUFFERED_PARTS: AtomicUsize = AtomicUsize::new(0);
 static KEPT_BYTES: AtomicU64 = AtomicU64::new(0);
 
-/// Adds `amount` to `counter` unless the sum would exceed `max`; returns whether it did.
+/// Adds `amount` to `counter` unless the sum would exceed `max`, and returns whether it did.
 fn reserve(counter: &AtomicU64, amount: u64, max: u64) -> bool {
     counter
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |current| {
