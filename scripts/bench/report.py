@@ -5,6 +5,7 @@ Ratios compare medians taken in the same run of the same section. A target whose
 inputs are missing is reported as "not measured" with the reason, never as met.
 """
 
+from pathlib import Path
 import statistics
 
 TOOL_NAMES = {
@@ -290,6 +291,7 @@ def render(results):
     render_jobwrap(add, results)
     render_samba(add, results, sizes)
     render_overlap(add)
+    render_profiles(add)
     render_commands(add, results)
     return "\n".join(out) + "\n"
 
@@ -526,6 +528,19 @@ def render_overlap(add):
     add("With `--stage-first` the competitor was queued before the job and ran first; with")
     add("overlapped staging the job kept its place and ran right after the filler, which saved")
     add("about the competitor's 15 s.")
+    add("")
+
+
+PROFILES = Path(__file__).with_name("profiles.md")
+
+
+def render_profiles(add):
+    """Copies the hand-written profiling notes (missed targets, causes found, figures before
+    and after each fix) into the page, so that the page stays the one record of results."""
+    if not PROFILES.exists():
+        return
+    for line in PROFILES.read_text(encoding="utf-8").rstrip("\n").split("\n"):
+        add(line)
     add("")
 
 
