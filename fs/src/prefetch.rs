@@ -37,14 +37,15 @@ pub const MAX_WINDOW_BLOCKS: u64 = 32;
 /// larger requests cost the server and this process less CPU per byte.
 pub const MAX_RUN_BLOCKS: u64 = 16;
 
+/// How far reads of one sequential stream can be out of order, in blocks. The kernel's
+/// own read-ahead (4 MiB, see [`crate::mount`]) keeps up to two read-ahead windows of
+/// reads in flight, and they can reach the reader in any order: measured, a read arrived
+/// up to 8 MiB behind the furthest one. The constant leaves some room above that.
+const REORDER_BLOCKS: u64 = 12;
+
 /// Blocks kept behind the head of a sequential stream, and how far behind the head a
 /// read still counts as sequential.
-const KEEP_BEHIND_BLOCKS: u64 = 4;
-
-/// How far ahead of the head a read still counts as sequential, in blocks, however small
-/// the window is. The kernel's own read-ahead (4 MiB, see [`crate::mount`]) sends several
-/// reads at once, and they can reach the reader in any order.
-const REORDER_BLOCKS: u64 = 8;
+const KEEP_BEHIND_BLOCKS: u64 = REORDER_BLOCKS;
 
 /// Maximum number of idle block buffers kept for reuse (see [`crate::block_pool`]).
 const MAX_IDLE_BUFFERS: usize = 16;
@@ -168,6 +169,7 @@ impl ObjectReader {
                     state.window_blocks = (state.window_blocks * 2).min(MAX_WINDOW_BLOCKS);
                 }
             } else {
+                tracing::trace!(offset, head, window = state.window_blocks, "read away from the head; read-ahead restarts");
                 state.window_blocks = 1;
                 state.blocks.retain(|&index, _| index >= first && index <= last + 1);
             }
@@ -404,6 +406,7 @@ impl BlockRequest {
             ..GetOptions::default()
         };
         let path = object_path(&self.key)?;
+        tracing::trace!(space = %self.space, key = %self.key, first = self.first, blocks = self.count, "range GET");
         let result = self
             .store
             .get_opts(&path, options)
