@@ -368,7 +368,7 @@ def render_read(add, results, sizes):
     add("Peak RSS is the larger of the daemon's `VmHWM` and the `VmRSS` sampled every 0.2 s, over a cold")
     add("and a warm read, maximum over the runs. GETs are the GET requests for the object that Garage")
     add("logged during the cold read (median over the runs); datanet's sequential read-ahead sends")
-    add(f"range GETs of up to 16 MiB, so fetching every byte once takes at least {max(1, size // 16)} GETs.")
+    add(f"range GETs of up to 24 MiB, so fetching every byte once takes at least {max(1, -(-size // 24))} GETs.")
     add("")
 
 
