@@ -274,9 +274,10 @@ impl DatanetFs {
             if !(need_meta && meta_unknown) {
                 return Ok(entry);
             }
+            let requested_at = std::time::Instant::now();
             let fresh = self.head_shared(space, key).await?;
             if fresh != Entry::Missing {
-                self.meta.insert_entry(space, key, fresh.clone());
+                self.meta.insert_entry_from(space, key, fresh.clone(), requested_at);
                 return Ok(fresh);
             }
         }
@@ -287,7 +288,7 @@ impl DatanetFs {
         if let Entry::File(stat) = &entry {
             self.meta.remember_meta_from(space, key, stat, requested_at);
         }
-        self.meta.insert_entry(space, key, entry.clone());
+        self.meta.insert_entry_from(space, key, entry.clone(), requested_at);
         Ok(entry)
     }
 
@@ -925,13 +926,16 @@ impl DatanetFs {
             }
             return Ok(());
         }
-        if let Some(stat) = writer.upload(handle, &handle.meta_target, &key, &self.upload).await? {
+        // The caches are updated before the next upload of this file can start: two
+        // closes racing would otherwise let the older upload's size win.
+        let publish = |stat: &FileStat| {
             self.meta.forget_meta(space, &key);
             let (dir, name) = split_key(&key);
             let listed = DirEntry { name: name.to_string(), kind: Kind::File, stat: Some(stat.clone()) };
             self.meta.patch_listing(space, dir, name, Some(listed));
-            self.meta.insert_entry(space, &key, Entry::File(stat));
-        }
+            self.meta.insert_entry(space, &key, Entry::File(stat.clone()));
+        };
+        writer.upload_then(handle, &handle.meta_target, &key, &self.upload, publish).await?;
         Ok(())
     }
 

@@ -333,6 +333,15 @@ impl MetaCache {
         }
     }
 
+    /// Caches the result of a request for `key` that started at `requested_at`, unless
+    /// this mount changed the key since: a HEAD that overlapped an upload may show the
+    /// object before it, and must not replace what the upload cached.
+    pub fn insert_entry_from(&self, space: usize, key: &str, entry: Entry, requested_at: Instant) {
+        if !self.changed_since(space, key, requested_at) {
+            self.insert_entry(space, key, entry);
+        }
+    }
+
     pub fn remove_entry(&self, space: usize, key: &str) {
         if let Some(cache) = &self.entries {
             cache.invalidate(&(space, key.to_string()));

@@ -274,6 +274,21 @@ impl Writer {
         key: &str,
         settings: &UploadSettings,
     ) -> FsResult<Option<FileStat>> {
+        self.upload_then(handle, target, key, settings, |_| {}).await
+    }
+
+    /// Uploads like [`Writer::upload`] and calls `publish` with the new attributes
+    /// before the next upload of this file may start. Caches updated in `publish` thus
+    /// see the uploads in order: an older upload that finishes late can never replace
+    /// the attributes of a newer one.
+    pub async fn upload_then(
+        &self,
+        handle: &SpaceHandle,
+        target: &MetaTarget,
+        key: &str,
+        settings: &UploadSettings,
+        publish: impl FnOnce(&FileStat),
+    ) -> FsResult<Option<FileStat>> {
         let _serialized = self.upload_lock.lock().await;
         let mut stream = self.stream.lock().await;
         if !self.is_dirty() || self.is_unlinked() {
@@ -310,12 +325,14 @@ impl Writer {
         self.staging.mark_uploaded(&frozen);
         tracing::debug!(object = %what, bytes = frozen.len, streamed = is_streamed, elapsed_ms = started.elapsed().as_millis() as u64, "uploaded");
 
-        Ok(Some(FileStat {
+        let stat = FileStat {
             size: frozen.len,
             mtime: meta.mtime.unwrap_or_else(SystemTime::now),
             etag: put.e_tag,
             meta: Some(Arc::new(meta)),
-        }))
+        };
+        publish(&stat);
+        Ok(Some(stat))
     }
 
     /// Records the file in the write-back journal when it has changes, and returns once
