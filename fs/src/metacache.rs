@@ -10,16 +10,15 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::future::{BoxFuture, FutureExt, Shared};
 use moka::ops::compute::Op;
 use moka::sync::Cache;
 
-use crate::error::{FsError, FsResult};
+use crate::error::FsResult;
 
+use crate::inflight::InFlight;
 use crate::inode::Kind;
 use crate::posix_meta::PosixMeta;
 
@@ -95,7 +94,6 @@ pub type Listing = Arc<Vec<DirEntry>>;
 type CacheKey = (usize, String);
 
 /// One HEAD in flight, shared by every caller that asks for the same key meanwhile.
-type SharedHead = Shared<BoxFuture<'static, FsResult<Entry>>>;
 
 /// How long a change made through this mount is remembered, so that the results of
 /// HEADs that started before it are rejected. Longer than a request with its retries.
@@ -106,10 +104,6 @@ const FORGET_MEMORY: Duration = Duration::from_secs(600);
 fn same_second(a: SystemTime, b: SystemTime) -> bool {
     let secs = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).ok();
     secs(a) == secs(b)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// POSIX metadata of one object version, identified by ETag and last-modified time.
@@ -141,9 +135,8 @@ pub struct MetaCache {
     /// When this mount last changed each key, so that the result of a HEAD that started
     /// earlier is not remembered.
     forgotten: Cache<CacheKey, Instant>,
-    /// HEADs in flight, each with the id that lets only its own task remove it.
-    in_flight: Arc<Mutex<HashMap<CacheKey, (u64, SharedHead)>>>,
-    next_head: Arc<AtomicU64>,
+    /// HEADs in flight, joined by every caller of the same key meanwhile.
+    heads: InFlight<CacheKey, FsResult<Entry>>,
 }
 
 /// One directory entry added, replaced or removed through this mount.
@@ -180,8 +173,7 @@ impl MetaCache {
                 recent_listings,
                 local_changes: Arc::default(),
                 forgotten,
-                in_flight: Arc::default(),
-                next_head: Arc::default(),
+                heads: InFlight::default(),
             };
         }
         let entries = Cache::builder().max_capacity(MAX_ENTRIES).time_to_live(ttl).build();
@@ -198,8 +190,7 @@ impl MetaCache {
             recent_listings,
             local_changes: Arc::default(),
             forgotten,
-            in_flight: Arc::default(),
-            next_head: Arc::default(),
+            heads: InFlight::default(),
         }
     }
 
@@ -210,39 +201,17 @@ impl MetaCache {
     where
         F: Future<Output = FsResult<Entry>> + Send + 'static,
     {
-        let cache_key = (space, key.to_string());
-        let shared = {
-            let mut in_flight = lock(&self.in_flight);
-            match in_flight.get(&cache_key) {
-                Some((_, shared)) => shared.clone(),
-                None => {
-                    let id = self.next_head.fetch_add(1, Ordering::Relaxed);
-                    let cache = self.clone();
-                    let task_key = cache_key.clone();
-                    let requested_at = Instant::now();
-                    let task = tokio::spawn(async move {
-                        let result = head.await;
-                        if let Ok(Entry::File(stat)) = &result {
-                            cache.remember_meta_from(task_key.0, &task_key.1, stat, requested_at);
-                        }
-                        let mut in_flight = lock(&cache.in_flight);
-                        if in_flight.get(&task_key).is_some_and(|(current, _)| *current == id) {
-                            in_flight.remove(&task_key);
-                        }
-                        result
-                    });
-                    let shared = async move {
-                        task.await
-                            .unwrap_or_else(|err| Err(FsError::io(format!("metadata request failed: {err}"))))
-                    }
-                    .boxed()
-                    .shared();
-                    in_flight.insert(cache_key, (id, shared.clone()));
-                    shared
-                }
+        let cache = self.clone();
+        let task_key = (space, key.to_string());
+        let requested_at = Instant::now();
+        let request = async move {
+            let result = head.await;
+            if let Ok(Entry::File(stat)) = &result {
+                cache.remember_meta_from(task_key.0, &task_key.1, stat, requested_at);
             }
+            result
         };
-        shared.await
+        self.heads.run((space, key.to_string()), request).await
     }
 
     /// True when this mount changed `key` at or after `requested_at`.
@@ -304,7 +273,7 @@ impl MetaCache {
         let cache_key = (space, key.to_string());
         self.forgotten.insert(cache_key.clone(), Instant::now());
         self.posix.invalidate(&cache_key);
-        lock(&self.in_flight).remove(&cache_key);
+        self.heads.cancel(&cache_key);
     }
 
     /// The metadata of the object version that a listing entry shows, if a HEAD of that
@@ -471,6 +440,7 @@ impl MetaCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
 
     fn stat(size: u64) -> FileStat {
         FileStat {
