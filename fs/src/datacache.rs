@@ -30,8 +30,10 @@ const DISK_BLOCK_BYTES: u64 = 4096;
 
 /// Disk space counted for each cached object beyond its blocks: the file's extent tree,
 /// which the file system keeps outside the inode once a sparse file has more than a few
-/// ranges. One 4 KiB tree block maps about 340 ranges, and a 1 GiB object has at most
-/// 1024 blocks, so this is an upper estimate for objects up to a few GiB.
+/// ranges. On ext4 one 4 KiB tree block maps about 340 ranges, so four cover about 1,360
+/// separate ranges (adjacent cached blocks merge into one range).
+/// NOTE: an object cached in more separate ranges than that can take a few more 4 KiB
+/// tree blocks than counted here.
 const FILE_OVERHEAD_BYTES: u64 = 4 * DISK_BLOCK_BYTES;
 
 /// Identity of one cached block.

@@ -217,9 +217,9 @@ async fn unmount_on_signal(unmounter: fuser::SessionUnmounter, mountpoint: Strin
     }
 }
 
-/// Kernel read-ahead of the mount, in KiB. The kernel's default for a FUSE mount is
-/// 128 KiB, so a reader waits for every request in turn; with 4 MiB it keeps a few
-/// requests in flight while the reader copies the previous ones.
+/// Kernel read-ahead of the mount, in KiB. With the kernel's default of 128 KiB for a
+/// FUSE mount, a reader waits for each request in turn. With 4 MiB, the kernel keeps a
+/// few requests in flight while the reader copies the previous ones.
 const KERNEL_READ_AHEAD_KB: u32 = 4096;
 
 /// Sets the read-ahead of the mount's backing device (`/sys/class/bdi/MAJOR:MINOR`).

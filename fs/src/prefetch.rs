@@ -432,9 +432,9 @@ impl BlockRequest {
                 let range = self.block_range(index);
                 let block_len = (range.end - range.start) as usize;
                 let buf = block.get_or_insert_with(|| self.buffers.take());
-                let taken = buf.fill(rest, block_len);
-                rest = &rest[taken..];
-                received += taken as u64;
+                let copied = buf.fill(rest, block_len);
+                rest = &rest[copied..];
+                received += copied as u64;
                 if buf.len() == block_len {
                     let data = block.take().map(BlockBuf::freeze).unwrap_or_default();
                     self.keep_in_cache(index, &data, to_store);

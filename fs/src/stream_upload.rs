@@ -10,8 +10,9 @@
 //! the staging file otherwise. All streams together hold at most
 //! [`MAX_PARTS_IN_FLIGHT`] parts in flight, [`MAX_QUEUED_BUFFERED_PARTS`] buffered parts
 //! waiting for a slot and [`MAX_KEPT_BYTES`] of kept `write` buffers, so memory stays
-//! bounded however many files are written at once. A `write` never waits for the
-//! network.
+//! bounded however many files are written at once. Recording a `write` and sealing
+//! parts are synchronous calls that only queue work for the background task, so a
+//! `write` never waits for the network.
 //!
 //! Invariants: the owner of a [`StreamedUpload`] accepts no change below
 //! [`StreamedUpload::sealed_end`] without dropping the stream first, so a completed

@@ -156,10 +156,11 @@ def section_cache(ctx, rec):
     sizes = ctx.sizes
     limit = f"{sizes.cache_limit_mib}MiB"
     ranges = min(2 * sizes.cache_limit_mib, sizes.object_mib)
-    rec.note(f"datanet with `[cache] max_size = \"{limit}\"` reads the {sizes.object_mib} MiB object twice, "
-             f"drops the file from the page cache (`posix_fadvise` `DONTNEED`), then reads {ranges} distinct "
-             "random 1 MiB ranges, twice the limit, so that every one is a demand read that enters the cache "
-             "and evicts; the cache directory's disk usage (allocated blocks) is sampled every 0.1 s.")
+    rec.note(f"datanet with `[cache] max_size = \"{limit}\"` reads the {sizes.object_mib} MiB object twice "
+             "and drops the file from the page cache (`posix_fadvise` `DONTNEED`). "
+             f"It then reads {ranges} distinct random 1 MiB ranges, twice the limit, so every range is a "
+             "demand read that enters the cache and evicts older blocks. "
+             "The cache directory's disk usage (allocated blocks) is sampled every 0.1 s.")
     rec.command("datanet", f"datanet mount --config BENCH.toml --foreground MNT   ([cache] max_size = \"{limit}\")")
 
     def measure():
