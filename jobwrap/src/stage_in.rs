@@ -378,6 +378,57 @@ async fn download_once(
 /// MD5 and SHA-256 as hex strings.
 type Digests = (String, String);
 
+/// The partial file of one input, written in order while its MD5 and SHA-256 are
+/// computed and the bytes are counted for progress.
+struct HashingSink<'a> {
+    output: &'a std::fs::File,
+    partial: &'a Path,
+    progress: &'a Progress,
+    counter: &'a AtomicU64,
+    /// False when no MD5 can be compared (multipart ETags), which saves computing it.
+    with_md5: bool,
+    md5: Md5,
+    sha256: Sha256,
+    written: u64,
+}
+
+impl<'a> HashingSink<'a> {
+    fn new(output: &'a std::fs::File, partial: &'a Path, progress: &'a Progress, counter: &'a AtomicU64, with_md5: bool) -> Self {
+        HashingSink {
+            output,
+            partial,
+            progress,
+            counter,
+            with_md5,
+            md5: Md5::new(),
+            sha256: Sha256::new(),
+            written: 0,
+        }
+    }
+
+    /// Writes `chunk` after the bytes written so far and hashes it.
+    fn append(&mut self, chunk: &[u8]) -> Result<(), String> {
+        if self.with_md5 {
+            self.md5.update(chunk);
+        }
+        self.sha256.update(chunk);
+        self.output
+            .write_all_at(chunk, self.written)
+            .map_err(|err| format!("cannot write {}: {err}", self.partial.display()))?;
+
+        let len = chunk.len() as u64;
+        self.written += len;
+        self.counter.fetch_add(len, Ordering::Relaxed);
+        self.progress.add_bytes(len);
+        Ok(())
+    }
+
+    /// Returns the bytes written and their digests.
+    fn finish(self) -> (u64, Digests) {
+        (self.written, (hex::encode(self.md5.finalize()), hex::encode(self.sha256.finalize())))
+    }
+}
+
 /// Downloads in one GET, hashing on the fly. Returns the bytes written and the digests.
 async fn download_stream(
     space: &Space,
@@ -396,23 +447,12 @@ async fn download_stream(
     let mut stream = result.into_stream();
 
     let with_md5 = md5_from_e_tag(space, file.e_tag.as_deref()).is_some();
-    let mut md5 = Md5::new();
-    let mut sha256 = Sha256::new();
-    let mut written = 0u64;
+    let mut sink = HashingSink::new(output, partial, progress, counter, with_md5);
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|err| format!("reading {} failed: {err}", file.source))?;
-        if with_md5 {
-            md5.update(&chunk);
-        }
-        sha256.update(&chunk);
-        output
-            .write_all_at(&chunk, written)
-            .map_err(|err| format!("cannot write {}: {err}", partial.display()))?;
-        written += chunk.len() as u64;
-        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        progress.add_bytes(chunk.len() as u64);
+        sink.append(&chunk)?;
     }
-    Ok((written, (hex::encode(md5.finalize()), hex::encode(sha256.finalize()))))
+    Ok(sink.finish())
 }
 
 /// Copies a file of a `file://` space, hashing on the fly.
@@ -424,22 +464,9 @@ async fn download_local(
     progress: &Progress,
     counter: &AtomicU64,
 ) -> Result<(u64, Digests), String> {
-    let mut md5 = Md5::new();
-    let mut sha256 = Sha256::new();
-    let mut written = 0u64;
-    local_space::read(root, &file.source.path, |chunk| {
-        md5.update(chunk);
-        sha256.update(chunk);
-        output
-            .write_all_at(chunk, written)
-            .map_err(|err| format!("cannot write {}: {err}", partial.display()))?;
-        written += chunk.len() as u64;
-        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        progress.add_bytes(chunk.len() as u64);
-        Ok(())
-    })
-    .await?;
-    Ok((written, (hex::encode(md5.finalize()), hex::encode(sha256.finalize()))))
+    let mut sink = HashingSink::new(output, partial, progress, counter, true);
+    local_space::read(root, &file.source.path, |chunk| sink.append(chunk)).await?;
+    Ok(sink.finish())
 }
 
 /// Downloads a large object as concurrent ranged GETs. Parts are written and hashed in
@@ -484,23 +511,14 @@ async fn download_ranged(
         .buffered(RANGE_CONCURRENCY);
 
     let with_md5 = md5_from_e_tag(space, file.e_tag.as_deref()).is_some();
-    let mut md5 = Md5::new();
-    let mut sha256 = Sha256::new();
-    let mut written = 0u64;
+    let mut sink = HashingSink::new(output, partial, progress, counter, with_md5);
     while let Some(part) = parts.next().await {
+        // `buffered` yields the parts in order, so each starts where the last one ended.
         let (offset, bytes) = part?;
-        output
-            .write_all_at(&bytes, offset)
-            .map_err(|err| format!("cannot write {}: {err}", partial.display()))?;
-        if with_md5 {
-            md5.update(&bytes);
-        }
-        sha256.update(&bytes);
-        written += bytes.len() as u64;
-        counter.fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        progress.add_bytes(bytes.len() as u64);
+        debug_assert_eq!(offset, sink.written, "ranged parts arrive in order");
+        sink.append(&bytes)?;
     }
-    Ok((written, (hex::encode(md5.finalize()), hex::encode(sha256.finalize()))))
+    Ok(sink.finish())
 }
 
 fn verify(space: &Space, file: &InputFile, written: u64, md5_hex: &str) -> Result<String, String> {
