@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Garage S3 server for the datanet stack: one node, replication factor 1, SQLite
-# metadata, everything under $DATANET_RUN_DIR/garage, listening on 127.0.0.1 only.
+# Garage S3 server for the datanet stack: one node, replication factor 1, everything under
+# $DATANET_RUN_DIR/garage, listening on 127.0.0.1 only. Metadata is kept in LMDB, Garage's
+# default engine, unless DATANET_GARAGE_DB_ENGINE=sqlite; a run directory whose metadata
+# already exists keeps its engine.
 #
 #   garage.sh start         start the node, apply the layout, create the stack's key and buckets
 #   garage.sh stop          stop the node this run directory started
@@ -25,8 +27,29 @@ require_binary() {
         die "Garage binary $DATANET_GARAGE is missing; run scripts/setup.sh (it builds and caches it)"
 }
 
+# Prints the metadata engine: that of an existing database, else the requested one.
+# Garage started with another engine than its database would begin an empty store.
+db_engine() {
+    local requested=${DATANET_GARAGE_DB_ENGINE:-lmdb} existing=""
+    case $requested in
+        lmdb | sqlite) ;;
+        *) die "DATANET_GARAGE_DB_ENGINE=$requested is not a Garage metadata engine; use lmdb or sqlite" ;;
+    esac
+    if [[ -e $GARAGE_DIR/meta/db.sqlite ]]; then
+        existing=sqlite
+    elif [[ -e $GARAGE_DIR/meta/db.lmdb ]]; then
+        existing=lmdb
+    fi
+    if [[ -n $existing && -n ${DATANET_GARAGE_DB_ENGINE:-} && $existing != "$requested" ]]; then
+        die "Garage metadata in $GARAGE_DIR/meta is $existing, not $requested: unset DATANET_GARAGE_DB_ENGINE, or stop the stack and remove $GARAGE_DIR to start an empty store"
+    fi
+    echo "${existing:-$requested}"
+}
+
 write_config() {
     mkdir -p "$GARAGE_DIR/meta" "$GARAGE_DIR/data"
+    local engine
+    engine=$(db_engine)
     chmod 700 "$GARAGE_DIR"
     [[ -s $GARAGE_DIR/rpc_secret ]] || random_hex32 | write_private "$GARAGE_DIR/rpc_secret"
     [[ -s $GARAGE_DIR/admin_token ]] || random_hex32 | write_private "$GARAGE_DIR/admin_token"
@@ -36,7 +59,7 @@ write_config() {
 # Written by scripts/garage.sh; regenerated on every start.
 metadata_dir = "$GARAGE_DIR/meta"
 data_dir = "$GARAGE_DIR/data"
-db_engine = "sqlite"
+db_engine = "$engine"
 replication_factor = 1
 
 rpc_bind_addr = "127.0.0.1:$DATANET_GARAGE_RPC_PORT"

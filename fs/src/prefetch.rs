@@ -321,6 +321,9 @@ impl ObjectReader {
     }
 }
 
+/// A block on its way to the data cache, with the cache slot reserved for it.
+type CacheWrite = (BlockKey, Bytes, OwnedSemaphorePermit);
+
 struct BlockRequest {
     store: Arc<dyn ObjectStore>,
     space: String,
@@ -358,23 +361,28 @@ impl BlockRequest {
             return;
         }
 
-        let mut to_store = Vec::new();
-        let result = self.stream_blocks(&mut senders, &mut to_store).await;
+        let cache_writer = self.cache_writer();
+        let result = self.stream_blocks(&mut senders, cache_writer.as_ref()).await;
         if let Err(err) = result {
             for sender in senders {
                 let _ = sender.send(Err(err.clone()));
             }
         }
-        if let (false, Some(cache)) = (to_store.is_empty(), &self.cache) {
-            // Written off the read path; each block's slot frees once it is on disk.
-            let cache = Arc::clone(cache);
-            tokio::task::spawn_blocking(move || {
-                for (cache_key, block, permit) in to_store {
-                    cache.put(&cache_key, &block);
-                    drop(permit);
-                }
-            });
-        }
+    }
+
+    /// Starts the writer of this run's blocks to the data cache, off the read path. Each
+    /// block goes to disk as soon as it is complete, and its buffer and cache slot free
+    /// once it is written, so a long run holds no more buffers than its readers need.
+    fn cache_writer(&self) -> Option<std::sync::mpsc::Sender<CacheWrite>> {
+        let cache = Arc::clone(self.cache.as_ref().filter(|_| self.store_in_cache)?);
+        let (sender, receiver) = std::sync::mpsc::channel::<CacheWrite>();
+        tokio::task::spawn_blocking(move || {
+            for (cache_key, block, permit) in receiver {
+                cache.put(&cache_key, &block);
+                drop(permit);
+            }
+        });
+        Some(sender)
     }
 
     /// Returns the run's blocks when the data cache contains every one of them.
@@ -394,11 +402,11 @@ impl BlockRequest {
     }
 
     /// Sends the run's blocks from the front of `senders` as the body arrives, and
-    /// collects the blocks the data cache should keep in `to_store`.
+    /// passes the blocks the data cache should keep to `cache_writer`.
     async fn stream_blocks(
         &self,
         senders: &mut Vec<oneshot::Sender<FsResult<Bytes>>>,
-        to_store: &mut Vec<(BlockKey, Bytes, OwnedSemaphorePermit)>,
+        cache_writer: Option<&std::sync::mpsc::Sender<CacheWrite>>,
     ) -> FsResult<()> {
         let start = self.block_range(self.first).start;
         let end = self.block_range(self.first + self.count - 1).end;
@@ -437,7 +445,7 @@ impl BlockRequest {
                 received += copied as u64;
                 if buf.len() == block_len {
                     let data = block.take().map(BlockBuf::freeze).unwrap_or_default();
-                    self.keep_in_cache(index, &data, to_store);
+                    self.keep_in_cache(index, &data, cache_writer);
                     if let Some(sender) = senders.pop() {
                         let _ = sender.send(Ok(data));
                     }
@@ -451,10 +459,10 @@ impl BlockRequest {
         Ok(())
     }
 
-    fn keep_in_cache(&self, index: u64, data: &Bytes, to_store: &mut Vec<(BlockKey, Bytes, OwnedSemaphorePermit)>) {
-        let (true, Some(cache), Some(cache_key)) = (self.store_in_cache, &self.cache, self.cache_key(index)) else { return };
+    fn keep_in_cache(&self, index: u64, data: &Bytes, cache_writer: Option<&std::sync::mpsc::Sender<CacheWrite>>) {
+        let (Some(writer), Some(cache), Some(cache_key)) = (cache_writer, &self.cache, self.cache_key(index)) else { return };
         if let Some(permit) = cache.try_reserve_write() {
-            to_store.push((cache_key, data.clone(), permit));
+            let _ = writer.send((cache_key, data.clone(), permit));
         }
     }
 }

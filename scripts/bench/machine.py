@@ -39,15 +39,26 @@ def memory_gib():
     return 0.0
 
 
-def os_release():
+def assigned_value(path, name):
+    """Returns the value of the first `NAME=VALUE` line in `path` (spaces and quotes trimmed)."""
     try:
-        with open("/etc/os-release") as release:
-            for line in release:
-                if line.startswith("PRETTY_NAME="):
-                    return line.split("=", 1)[1].strip().strip('"')
+        with open(path) as handle:
+            for line in handle:
+                key, sep, value = line.partition("=")
+                if sep and key.strip() == name:
+                    return value.strip().strip('"')
     except FileNotFoundError:
         pass
     return "unknown"
+
+
+def os_release():
+    return assigned_value("/etc/os-release", "PRETTY_NAME")
+
+
+def garage_db_engine(run_dir):
+    """Returns the metadata engine in the Garage configuration that scripts/garage.sh wrote."""
+    return assigned_value(os.path.join(run_dir, "garage", "garage.toml"), "db_engine")
 
 
 def describe(repo, run_dir, garage_binary):
@@ -62,6 +73,7 @@ def describe(repo, run_dir, garage_binary):
         "kernel": platform.release(),
         "os": os_release(),
         "disk": " ".join(disk.split()[:3]) if disk else "unknown",
+        "garage_db_engine": garage_db_engine(run_dir),
         "commit": commit + (" plus uncommitted changes of work in progress" if dirty else ""),
         "versions": {
             "garage": first_line([garage_binary, "--version"]),

@@ -336,7 +336,8 @@ def render_machine(add, results):
     for name, version in machine["versions"].items():
         add(f"- {name}: {version}")
     add("- The machine is shared with builds and tests of other work in progress; the load average of each")
-    add("  section is printed with it. Garage runs one node with SQLite metadata on the same disk.")
+    engine = {"lmdb": "LMDB", "sqlite": "SQLite"}.get(machine.get("garage_db_engine"), "unrecorded")
+    add(f"  section is printed with it. Garage runs one node with {engine} metadata on the same disk.")
     add("")
 
 
