@@ -38,7 +38,7 @@ class Sizes:
 
 
 FULL = Sizes(object_mib=1024, tree_dirs=50, tree_files_per_dir=100, small_file_bytes=4096,
-             write_mib=256, create_files=500, runs=3, random_seconds=10.0, random_max_reads=3000,
+             write_mib=256, create_files=500, runs=5, random_seconds=10.0, random_max_reads=3000,
              cache_limit_mib=256, leases=200, latency_runs=5)
 
 QUICK = Sizes(object_mib=128, tree_dirs=10, tree_files_per_dir=50, small_file_bytes=4096,

@@ -334,6 +334,9 @@ class Mount:
         if self.cache_dir is not None:
             shutil.rmtree(self.cache_dir, ignore_errors=True)
             self.cache_dir.mkdir(parents=True)
+        # Data an earlier tool left dirty (rclone's cache, a removed cache directory)
+        # is written out now, not in the middle of this tool's measurement.
+        os.sync()
         log = open(self.log_path, "a")
         log.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {' '.join(self.command())}\n")
         log.flush()

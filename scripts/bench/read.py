@@ -3,7 +3,8 @@
 "Cold" means a fresh mount with an empty cache directory, so neither the tool's disk
 cache nor the kernel's page cache of the FUSE file contains any byte. Garage's own data
 files may sit in the server's page cache for every tool alike; the direct GET shows
-what that server delivers. "Warm" is a second read through the same mount.
+what that server delivers. Each mount, and the direct GET, starts after a `sync`, so
+that data an earlier tool left dirty is not written out during the next measurement. "Warm" is a second read through the same mount.
 """
 
 import os
@@ -48,6 +49,7 @@ def section_read(ctx, rec):
         rec.add("read.warm.local", dd_read(ctx.local_object, size), "s")
 
     def direct(_run_index):
+        os.sync()
         seconds, got = ctx.store.get_to_null(ctx.object_key)
         if got != size:
             raise BenchError(f"GET returned {got} bytes, expected {size}")
