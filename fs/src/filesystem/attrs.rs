@@ -1,4 +1,5 @@
-//! Attribute changes, statfs and extended attributes.
+//! Attribute changes, statfs and extended attributes. A change to an open, written file
+//! goes out with its next upload; otherwise it is stored at once.
 
 use super::*;
 

@@ -7,9 +7,10 @@
 //! `<key>` of that space.
 //!
 //! This module contains the shared state, inode resolution, lookup and getattr. The
-//! other operations are grouped by kind in the submodules: `dirs` (listing), `files`
-//! (open files), `tree` (creating, removing and renaming names), `attrs` (attribute
-//! changes and extended attributes) and `write_back` (the journal and unmount).
+//! other operations are grouped by kind in the submodules: `readdir` (directory
+//! handles), `file_io` (open files), `tree` (creating, removing and renaming names),
+//! `attrs` (attribute changes and extended attributes) and `writeback` (the journal
+//! and unmount).
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -37,12 +38,12 @@ use crate::walkahead::WalkAhead;
 use crate::write::Writer;
 
 mod attrs;
-mod dirs;
-mod files;
+mod file_io;
+mod readdir;
 mod tree;
-mod write_back;
+mod writeback;
 
-use write_back::{journal_error, open_journal};
+use writeback::{journal_error, open_journal};
 
 /// Directories with at most this many entries are listed again, instead of sending a
 /// HEAD and a LIST, when a name is looked up in them shortly after their listing expired.

@@ -1,4 +1,5 @@
-//! Changes to the tree: mkdir, symlink, unlink, rmdir and rename.
+//! Changes to the tree: mkdir, symlink, unlink, rmdir and rename. Content that waits
+//! in the write-back journal follows a rename and is dropped with an unlink.
 
 use super::*;
 

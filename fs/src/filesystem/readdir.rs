@@ -1,4 +1,5 @@
-//! Directories: opendir, readdir and readdirplus.
+//! Directory handles: opendir, readdir and readdirplus. `opendir` takes a snapshot of
+//! the listing, so an offset names the same entry for as long as the handle is open.
 
 use super::*;
 

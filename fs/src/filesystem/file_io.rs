@@ -1,4 +1,5 @@
-//! Open files: open, read, create, write, flush and release.
+//! Open files: open, read, create, write, flush and release. Every open revalidates
+//! the object (close-to-open), and a handle reads only the object version it opened.
 
 use super::*;
 

@@ -1,4 +1,5 @@
-//! Write-back: open writers, the journal, and the uploads left at unmount.
+//! Write-back: which files still have content to upload, the task that drops a writer
+//! once the journal has uploaded its file, and the final uploads at unmount.
 
 use super::*;
 
