@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Garage S3 server for the datanet stack: one node, replication factor 1, everything under
-# $DATANET_RUN_DIR/garage, listening on 127.0.0.1 only. Metadata is kept in LMDB, Garage's
-# default engine, unless DATANET_GARAGE_DB_ENGINE=sqlite; a run directory whose metadata
-# already exists keeps its engine.
+# $DATANET_RUN_DIR/garage, listening on 127.0.0.1 only. Metadata is kept in SQLite unless
+# DATANET_GARAGE_DB_ENGINE=lmdb; a run directory whose metadata exists keeps its engine.
+# LMDB costs Garage about half the CPU per request, but it rejects object keys longer than
+# about 480 bytes (an estimate: LMDB keys are at most 511 bytes, and Garage adds its own
+# prefix). Such a PUT fails with MDB_BAD_VALSIZE (HTTP 503), and S3 keys reach 1024 bytes.
 #
 #   garage.sh start         start the node, apply the layout, create the stack's key and buckets
 #   garage.sh stop          stop the node this run directory started
@@ -30,7 +32,7 @@ require_binary() {
 # Prints the metadata engine: that of an existing database, else the requested one.
 # Garage started with another engine than its database would begin an empty store.
 db_engine() {
-    local requested=${DATANET_GARAGE_DB_ENGINE:-lmdb} existing=""
+    local requested=${DATANET_GARAGE_DB_ENGINE:-sqlite} existing=""
     case $requested in
         lmdb | sqlite) ;;
         *) die "DATANET_GARAGE_DB_ENGINE=$requested is not a Garage metadata engine; use lmdb or sqlite" ;;
