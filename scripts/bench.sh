@@ -39,9 +39,12 @@ export DATANET_SLURMD_PORT_A=${DATANET_BENCH_SLURMD_PORT:-36818}
 export DATANET_SLURMCTLD_PORT_B=${DATANET_BENCH_SLURMCTLD_PORT_B:-36827}
 export DATANET_SLURMD_PORT_B=${DATANET_BENCH_SLURMD_PORT_B:-36828}
 export DATANET_SMB_PORT=${DATANET_BENCH_SMB_PORT:-34455}
-# The benchmark's keys are short, so its store can use LMDB, Garage's faster engine (see
-# scripts/garage.sh for its key length limit).
-export DATANET_GARAGE_DB_ENGINE=${DATANET_GARAGE_DB_ENGINE:-lmdb}
+# The benchmark's keys are short, so a new benchmark store uses LMDB, the engine that costs
+# Garage less CPU (scripts/garage.sh explains its key length limit). An existing store
+# keeps its engine, and the results page names it.
+if [[ -z ${DATANET_GARAGE_DB_ENGINE:-} && ! -e $DATANET_RUN_DIR/garage/meta/db.sqlite ]]; then
+    export DATANET_GARAGE_DB_ENGINE=lmdb
+fi
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 BENCH_BUCKET=datanet-bench

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Garage S3 server for the datanet stack: one node, replication factor 1, everything under
 # $DATANET_RUN_DIR/garage, listening on 127.0.0.1 only. Metadata is kept in SQLite unless
-# DATANET_GARAGE_DB_ENGINE=lmdb; a run directory whose metadata exists keeps its engine.
+# DATANET_GARAGE_DB_ENGINE=lmdb, and a run directory whose metadata exists keeps its engine.
 # LMDB costs Garage about half the CPU per request, but it rejects object keys longer than
 # about 480 bytes (an estimate: LMDB keys are at most 511 bytes, and Garage adds its own
 # prefix). Such a PUT fails with MDB_BAD_VALSIZE (HTTP 503), and S3 keys reach 1024 bytes.
@@ -35,7 +35,7 @@ db_engine() {
     local requested=${DATANET_GARAGE_DB_ENGINE:-sqlite} existing=""
     case $requested in
         lmdb | sqlite) ;;
-        *) die "DATANET_GARAGE_DB_ENGINE=$requested is not a Garage metadata engine; use lmdb or sqlite" ;;
+        *) die "invalid DATANET_GARAGE_DB_ENGINE=$requested: use lmdb or sqlite" ;;
     esac
     if [[ -e $GARAGE_DIR/meta/db.sqlite ]]; then
         existing=sqlite

@@ -54,9 +54,9 @@ const MALLOC_ARENAS: i32 = 2;
 /// Allocations from this size on get their own mapping, returned to the system when
 /// freed. Setting it also stops glibc from raising the threshold after the first free
 /// of a read-ahead block, which would move all later blocks into the arenas. It sits
-/// above the HTTP client's read buffers (at most about 408 KiB): mapped afresh for each
-/// buffer, they cost a page fault per 4 KiB received (measured: 10% of the daemon's
-/// CPU on a cold read).
+/// above hyper's read buffers (at most 408 KiB, its `DEFAULT_MAX_BUFFER_SIZE`). Mapped
+/// afresh, each such buffer costs a page fault per 4 KiB received: about 10% of the
+/// daemon's CPU on a cold read, measured with `perf`.
 const MALLOC_MMAP_THRESHOLD_BYTES: i32 = 512 << 10;
 
 /// Free memory at the top of an arena that glibc keeps rather than returning it at once,

@@ -370,9 +370,9 @@ impl BlockRequest {
         }
     }
 
-    /// Starts the writer of this run's blocks to the data cache, off the read path. Each
-    /// block goes to disk as soon as it is complete, and its buffer and cache slot free
-    /// once it is written, so a long run holds no more buffers than its readers need.
+    /// Starts the task that writes this run's blocks to the data cache, off the read path.
+    /// Each block is sent to it as soon as it is complete, and its buffer and cache slot
+    /// are freed once it is on disk, so a run does not keep its blocks until the last one.
     fn cache_writer(&self) -> Option<std::sync::mpsc::Sender<CacheWrite>> {
         let cache = Arc::clone(self.cache.as_ref().filter(|_| self.store_in_cache)?);
         let (sender, receiver) = std::sync::mpsc::channel::<CacheWrite>();

@@ -114,27 +114,28 @@ def ratio_cell(value):
 
 
 class Paired:
-    """The ratio of two metrics of one section, round by round: `better / worse` reads
-    as "how many times faster", taking the fastest of `better`'s metrics in each round."""
+    """Speed ratio of a measured tool against references, from the times of each round:
+    the fastest reference's time divided by the measured time, so 2.0 reads "twice as fast"."""
 
-    def __init__(self, better, worse):
+    def __init__(self, references, measured):
         self.per_round = None
-        rounds = len(worse.values)
-        if rounds and all(len(metric.values) == rounds for metric in better):
-            self.per_round = [min(metric.values[i] for metric in better) / worse.values[i]
-                              for i in range(rounds) if worse.values[i] > 0]
+        rounds = len(measured.values)
+        if rounds and all(len(metric.values) == rounds for metric in references):
+            self.per_round = [min(metric.values[i] for metric in references) / measured.values[i]
+                              for i in range(rounds) if measured.values[i] > 0]
         if self.per_round:
             self.value = statistics.median(self.per_round)
         else:
-            # A tool that failed in some round leaves rounds unpaired: compare medians.
-            self.value = min(metric.median for metric in better) / worse.median
+            # A tool that failed in some round leaves rounds unpaired, so compare medians.
+            self.value = min(metric.median for metric in references) / measured.median
 
     def figure(self, detail=""):
+        """Formats the ratio, then `detail` and the per-round ratios in brackets."""
         rounds = ""
         if self.per_round and len(self.per_round) > 1:
-            rounds = "; rounds " + ", ".join(f"{r:.2f}" for r in self.per_round)
-        inside = f"{detail}{rounds}".lstrip("; ")
-        return f"{self.value:.2f}x" + (f" ({inside})" if inside else "")
+            rounds = "; rounds " + ", ".join(f"{value:.2f}" for value in self.per_round)
+        bracketed = f"{detail}{rounds}".lstrip("; ")
+        return f"{self.value:.2f}x" + (f" ({bracketed})" if bracketed else "")
 
 
 # ---------------------------------------------------------------------------
@@ -165,15 +166,16 @@ def targets(results):
     if missing:
         rows.append(("Cold sequential read >= 0.9x direct GET", missing, "not measured"))
     else:
-        r = Paired([direct], cold)
-        rows.append(("Cold sequential read >= 0.9x direct GET", r.figure(), verdict(r.value >= 0.9)))
+        paired = Paired([direct], cold)
+        rows.append(("Cold sequential read >= 0.9x direct GET", paired.figure(), verdict(paired.value >= 0.9)))
     missing = need(cold, rclone, s3fs)
     if missing:
         rows.append(("Cold sequential read ahead of rclone mount and s3fs", missing, "not measured"))
     else:
-        rr, rs = Paired([rclone], cold), Paired([s3fs], cold)
+        vs_rclone, vs_s3fs = Paired([rclone], cold), Paired([s3fs], cold)
         rows.append(("Cold sequential read ahead of rclone mount and s3fs",
-                     f"rclone {rr.figure()}, s3fs {rs.figure()}", verdict(rr.value > 1 and rs.value > 1)))
+                     f"rclone {vs_rclone.figure()}, s3fs {vs_s3fs.figure()}",
+                     verdict(vs_rclone.value > 1 and vs_s3fs.value > 1)))
 
     warm = m("read", "read.warm.datanet")
     local = m("read", "read.warm.local")
@@ -181,8 +183,8 @@ def targets(results):
     if missing:
         rows.append(("Warm re-read >= 0.5x local page-cache read", missing, "not measured"))
     else:
-        r = Paired([local], warm)
-        rows.append(("Warm re-read >= 0.5x local page-cache read", r.figure(), verdict(r.value >= 0.5)))
+        paired = Paired([local], warm)
+        rows.append(("Warm re-read >= 0.5x local page-cache read", paired.figure(), verdict(paired.value >= 0.5)))
 
     find_dn = m("find", "find.cold.datanet")
     find_peers = [m("find", "find.cold.rclone-full"), m("find", "find.cold.s3fs")]
@@ -191,9 +193,9 @@ def targets(results):
         rows.append(("`find` over the tree, cold: >= 2x faster than the faster peer", missing, "not measured"))
     else:
         faster = min(p.median for p in find_peers)
-        r = Paired(find_peers, find_dn)
+        paired = Paired(find_peers, find_dn)
         rows.append(("`find` over the tree, cold: >= 2x faster than the faster peer",
-                     r.figure(f"{num(find_dn.median)} s vs {num(faster)} s"), verdict(r.value >= 2)))
+                     paired.figure(f"{num(find_dn.median)} s vs {num(faster)} s"), verdict(paired.value >= 2)))
 
     large = m("write", "write.large.datanet")
     durable_peers = [m("write", "write.large.s3fs"), m("write", "write.large.rclone-off")]
@@ -202,9 +204,9 @@ def targets(results):
         rows.append(("Durable large write at least as fast as the faster durable peer", missing, "not measured"))
     else:
         faster = min(p.median for p in durable_peers)
-        r = Paired(durable_peers, large)
+        paired = Paired(durable_peers, large)
         rows.append(("Durable large write at least as fast as the faster durable peer",
-                     r.figure(f"{num(large.median)} s vs {num(faster)} s"), verdict(r.value >= 1)))
+                     paired.figure(f"{num(large.median)} s vs {num(faster)} s"), verdict(paired.value >= 1)))
 
     small = m("write", "write.small.datanet")
     small_rclone = m("write", "write.small.rclone-full")
@@ -213,9 +215,9 @@ def targets(results):
         rows.append(("Small files created at least as fast as rclone mount (until in the store)", missing,
                      "not measured"))
     else:
-        r = Paired([small_rclone], small)
+        paired = Paired([small_rclone], small)
         rows.append(("Small files created at least as fast as rclone mount (until in the store)",
-                     r.figure(f"{num(small.median)} s vs {num(small_rclone.median)} s"), verdict(r.value >= 1)))
+                     paired.figure(f"{num(small.median)} s vs {num(small_rclone.median)} s"), verdict(paired.value >= 1)))
 
     stage = m("stagein", "stagein.jobwrap")
     stage_rclone = m("stagein", "stagein.rclone")
@@ -223,9 +225,9 @@ def targets(results):
     if missing:
         rows.append(("Stage-in at least as fast as `rclone copy --transfers 16`", missing, "not measured"))
     else:
-        r = Paired([stage_rclone], stage)
+        paired = Paired([stage_rclone], stage)
         rows.append(("Stage-in at least as fast as `rclone copy --transfers 16`",
-                     r.figure(f"{num(stage.median)} s vs {num(stage_rclone.median)} s"), verdict(r.value >= 1)))
+                     paired.figure(f"{num(stage.median)} s vs {num(stage_rclone.median)} s"), verdict(paired.value >= 1)))
 
     jw = m("jobwrap", "jobwrap.empty")
     sb = m("jobwrap", "jobwrap.sbatch_wait")
