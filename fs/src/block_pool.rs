@@ -223,6 +223,20 @@ impl BlockBuf {
         copied
     }
 
+    /// Replaces the contents with `len` bytes (at most the capacity) that `read` writes
+    /// into the slice it receives. After an error the buffer is empty.
+    pub fn fill_with(&mut self, len: usize, read: impl FnOnce(&mut [u8]) -> std::io::Result<()>) -> std::io::Result<()> {
+        let len = len.min(self.pool.buffer_bytes);
+        self.len = 0;
+        let Some(region) = &self.region else { return Ok(()) };
+        // SAFETY: the region is owned by this buffer and at least `buffer_bytes` long.
+        // Anonymous mappings start zeroed, so every byte of it is initialized.
+        let slice = unsafe { std::slice::from_raw_parts_mut(region.ptr(), len) };
+        read(slice)?;
+        self.len = len;
+        Ok(())
+    }
+
     pub fn freeze(self) -> Bytes {
         Bytes::from_owner(self)
     }
@@ -305,6 +319,22 @@ mod tests {
         for (value, block) in blocks.iter().enumerate() {
             assert!(block.iter().all(|&byte| byte == value as u8), "block {value} was overwritten");
         }
+    }
+
+    #[test]
+    fn fill_with_sets_length_only_on_success() {
+        let pool = BlockPool::new(8192, 2);
+        let mut block = pool.take();
+        block.fill_with(100, |slice| {
+            slice.fill(9);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(block.as_ref(), &[9u8; 100][..]);
+
+        let failed = block.fill_with(50, |_| Err(std::io::Error::other("disk gone")));
+        assert!(failed.is_err());
+        assert!(block.is_empty(), "a failed fill leaves the buffer empty");
     }
 
     #[test]

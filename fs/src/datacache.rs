@@ -18,11 +18,12 @@ use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use ring::digest;
 
+use crate::block_pool::BlockPool;
 use crate::prefetch::BLOCK_BYTES;
 
 /// The unit in which the file system allocates disk space for the cache files.
@@ -144,8 +145,10 @@ impl DataCache {
         self.dir.join(object)
     }
 
-    /// Reads a cached block and marks it as recently used.
-    pub fn get(&self, key: &BlockKey) -> Option<Bytes> {
+    /// Reads a cached block into a buffer of `buffers` and marks it as recently used.
+    /// Reading into pooled buffers keeps a re-read from the cache within the memory that
+    /// streaming reads already use.
+    pub fn get(&self, key: &BlockKey, buffers: &Arc<BlockPool>) -> Option<Bytes> {
         let (size, generation) = {
             let mut lru = self.lock();
             let tick = lru.next_tick();
@@ -162,15 +165,20 @@ impl DataCache {
             (size, generation)
         };
 
-        let mut data = vec![0u8; size as usize];
-        let read = File::open(self.file_path(&key.object)).and_then(|file| file.read_exact_at(&mut data, key.offset()));
+        let mut data = buffers.take();
+        let read = File::open(self.file_path(&key.object))
+            .and_then(|file| data.fill_with(size as usize, |slice| file.read_exact_at(slice, key.offset())))
+            .and_then(|()| match data.len() as u64 == size {
+                true => Ok(()),
+                false => Err(std::io::Error::other(format!("cached block of {size} bytes exceeds the read buffer"))),
+            });
         match read {
             Ok(()) => {
                 // The read ran without the lock: an eviction in the meantime may have
                 // punched the range, and then the bytes read are not the block.
                 let lru = self.lock();
                 let unchanged = lru.blocks.get(key).is_some_and(|entry| entry.generation == generation && entry.tick.is_some());
-                unchanged.then(|| Bytes::from(data))
+                unchanged.then(|| data.freeze())
             }
             Err(err) => {
                 tracing::warn!(error = %err, object = %key.object, block = key.index, "cached block unreadable; dropping it");
@@ -376,6 +384,10 @@ mod tests {
 
     const UNIT: usize = DISK_BLOCK_BYTES as usize;
 
+    fn buffers() -> Arc<BlockPool> {
+        BlockPool::new(BLOCK_BYTES as usize, 2)
+    }
+
     /// Disk space allocated to the files in `dir`, tolerating files removed meanwhile.
     fn allocated_bytes(dir: &Path) -> u64 {
         std::fs::read_dir(dir)
@@ -396,17 +408,17 @@ mod tests {
         cache.put(&keys[0], &[0u8; UNIT]);
         cache.put(&keys[1], &[1u8; UNIT]);
         cache.put(&keys[2], &[2u8; UNIT]);
-        assert!(cache.get(&keys[0]).is_some(), "touch block 0 so block 1 is the oldest");
+        assert!(cache.get(&keys[0], &buffers()).is_some(), "touch block 0 so block 1 is the oldest");
 
         cache.put(&keys[3], &[3u8; UNIT]);
-        assert!(cache.get(&keys[1]).is_none());
-        assert_eq!(&cache.get(&keys[0]).unwrap()[..], &[0u8; UNIT][..]);
-        assert_eq!(&cache.get(&keys[3]).unwrap()[..], &[3u8; UNIT][..]);
+        assert!(cache.get(&keys[1], &buffers()).is_none());
+        assert_eq!(&cache.get(&keys[0], &buffers()).unwrap()[..], &[0u8; UNIT][..]);
+        assert_eq!(&cache.get(&keys[3], &buffers()).unwrap()[..], &[3u8; UNIT][..]);
         assert!(cache.used_bytes() <= limit);
         assert!(allocated_bytes(&dir) <= limit);
 
         cache.put(&keys[4], &vec![4u8; limit as usize]);
-        assert!(cache.get(&keys[4]).is_none(), "a block larger than the cache is not stored");
+        assert!(cache.get(&keys[4], &buffers()).is_none(), "a block larger than the cache is not stored");
     }
 
     #[test]
@@ -419,8 +431,8 @@ mod tests {
         }
         cache.put(&BlockKey::new("s", "small", "e", 0), b"tail");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
-        assert_eq!(&cache.get(&BlockKey::new("s", "big", "e", 2)).unwrap()[..], &[2u8; 5000][..]);
-        assert_eq!(&cache.get(&BlockKey::new("s", "small", "e", 0)).unwrap()[..], b"tail");
+        assert_eq!(&cache.get(&BlockKey::new("s", "big", "e", 2), &buffers()).unwrap()[..], &[2u8; 5000][..]);
+        assert_eq!(&cache.get(&BlockKey::new("s", "small", "e", 0), &buffers()).unwrap()[..], b"tail");
     }
 
     #[test]
@@ -438,9 +450,9 @@ mod tests {
         // ranges become holes.
         cache.put(&BlockKey::new("s", "new", "e", 0), &[8u8; UNIT]);
         cache.put(&BlockKey::new("s", "new", "e", 1), &[9u8; UNIT]);
-        assert!(cache.get(&old[0]).is_none());
-        assert!(cache.get(&old[1]).is_none());
-        assert_eq!(&cache.get(&old[2]).unwrap()[..], &[7u8; UNIT][..]);
+        assert!(cache.get(&old[0], &buffers()).is_none());
+        assert!(cache.get(&old[1], &buffers()).is_none());
+        assert_eq!(&cache.get(&old[2], &buffers()).unwrap()[..], &[7u8; UNIT][..]);
         let old_file = dir.join(&old[0].object);
         assert!(old_file.metadata().unwrap().blocks() * 512 <= 2 * DISK_BLOCK_BYTES);
         assert!(allocated_bytes(&dir) <= limit);
@@ -468,7 +480,7 @@ mod tests {
                         let object = if (i + t) % 2 == 0 { "even" } else { "odd" };
                         cache.put(&BlockKey::new("s", object, "e", i * 8 + t), &[t as u8; UNIT]);
                         let read = BlockKey::new("s", object, "e", (i * 7 + t) % 1600);
-                        if let Some(data) = cache.get(&read) {
+                        if let Some(data) = cache.get(&read, &buffers()) {
                             assert_eq!(&data[..], &[(read.index % 8) as u8; UNIT][..], "a cached block has its own bytes");
                         }
                     }
@@ -492,8 +504,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let cache = DataCache::open(tmp.path(), 1 << 20).unwrap();
         cache.put(&BlockKey::new("s", "conf.txt", "etag-old", 0), b"value=38\n");
-        assert!(cache.get(&BlockKey::new("s", "conf.txt", "etag-new", 0)).is_none());
-        assert_eq!(&cache.get(&BlockKey::new("s", "conf.txt", "etag-old", 0)).unwrap()[..], b"value=38\n");
+        assert!(cache.get(&BlockKey::new("s", "conf.txt", "etag-new", 0), &buffers()).is_none());
+        assert_eq!(&cache.get(&BlockKey::new("s", "conf.txt", "etag-old", 0), &buffers()).unwrap()[..], b"value=38\n");
     }
 
     #[test]

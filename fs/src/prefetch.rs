@@ -395,9 +395,10 @@ impl BlockRequest {
         let keys: Vec<(BlockKey, u64)> = (self.first..self.first + self.count)
             .map(|index| Some((self.cache_key(index)?, self.block_range(index).end - self.block_range(index).start)))
             .collect::<Option<_>>()?;
+        let buffers = Arc::clone(&self.buffers);
         tokio::task::spawn_blocking(move || {
             keys.iter()
-                .map(|(key, len)| cache.get(key).filter(|data| data.len() as u64 == *len))
+                .map(|(key, len)| cache.get(key, &buffers).filter(|data| data.len() as u64 == *len))
                 .collect::<Option<Vec<Bytes>>>()
         })
         .await
