@@ -30,6 +30,15 @@ def dd_read(path, expected_bytes):
     return seconds
 
 
+def resident_mib(path):
+    """MiB of `path` in the page cache, from `fincore`, or None where it cannot tell."""
+    proc = run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)], check=False)
+    fields = proc.stdout.split()
+    if proc.returncode != 0 or not fields or not fields[0].isdigit():
+        return None
+    return int(fields[0]) / MIB
+
+
 def check_content(path, reference, size_bytes):
     """Compares the first and last MiB and one in the middle with the local reference file."""
     with open(path, "rb") as mounted, open(reference, "rb") as local:
@@ -61,7 +70,7 @@ def section_read(ctx, rec):
     measurements = [("read.warm.local", local), ("read.cold.direct", direct)]
     for tool in MOUNT_TOOLS:
         keys = [f"read.cold.{tool}", f"read.warm.{tool}", f"read.rss.{tool}", f"read.cache_peak.{tool}",
-                f"read.gets.{tool}"]
+                f"read.gets.{tool}", f"read.resident.{tool}"]
         measurements.append((keys, lambda run_index, tool=tool: read_through_mount(ctx, rec, tool, run_index)))
     if rec.attempt("read.warm.local", lambda: warm_local(ctx.local_object)):
         rec.rounds(sizes.runs, measurements)
@@ -83,6 +92,7 @@ def read_through_mount(ctx, rec, tool, run_index):
             requests.mark()
             cold = dd_read(path, size)
             cold_gets = requests.count("GET", ctx.store.bucket, ctx.object_key)
+            resident = resident_mib(path)
             warm = dd_read(path, size)
         finally:
             sampler.stop()
@@ -93,6 +103,8 @@ def read_through_mount(ctx, rec, tool, run_index):
     rec.add(f"read.warm.{tool}", warm, "s")
     rec.add(f"read.rss.{tool}", peak_kib / 1024, "MiB")
     rec.add(f"read.gets.{tool}", float(cold_gets), "GETs")
+    if resident is not None:
+        rec.add(f"read.resident.{tool}", resident, "MiB")
     if mount.cache_dir is not None:
         rec.add(f"read.cache_peak.{tool}", sampler.peak_dir_bytes / MIB, "MiB")
 

@@ -377,10 +377,10 @@ def render_read(add, results, sizes):
     size = sizes["object_mib"]
     direct = Metric(results, "read", "read.cold.direct")
     local = Metric(results, "read", "read.warm.local")
-    add("| Tool | Cold | Warm (second read) | Cold vs direct GET | Warm vs local page cache | Peak RSS | Peak cache dir "
-        "| GETs during the cold read |")
-    add("|---|---|---|---|---|---|---|---|")
-    add(f"| {TOOL_NAMES['direct']} | {rate_cell(direct, size)} | - | 1.00x | - | - | - | - |")
+    add("| Tool | Cold | Warm (second read) | Cold vs direct GET | Warm vs local page cache | In page cache before "
+        "the warm read | Peak RSS | Peak cache dir | GETs during the cold read |")
+    add("|---|---|---|---|---|---|---|---|---|")
+    add(f"| {TOOL_NAMES['direct']} | {rate_cell(direct, size)} | - | 1.00x | - | - | - | - | - |")
     for tool in ("datanet", "rclone-full", "s3fs"):
         cold = Metric(results, "read", f"read.cold.{tool}")
         warm = Metric(results, "read", f"read.warm.{tool}")
@@ -392,9 +392,18 @@ def render_read(add, results, sizes):
         rss_cell = f"{num(max(rss.values))} MiB" if rss.ok else "-"
         cache_cell = f"{num(max(cache.values))} MiB" if cache.ok else "-"
         gets_cell = count(gets.median) if gets.ok else "-"
+        resident = Metric(results, "read", f"read.resident.{tool}")
+        resident_cell = (f"{num(min(resident.values))} to {num(max(resident.values))} MiB"
+                         if resident.ok else "-")
         add(f"| {TOOL_NAMES[tool]} | {rate_cell(cold, size)} | {rate_cell(warm, size)} | "
-            f"{ratio_cell(vs_direct)} | {ratio_cell(vs_local)} | {rss_cell} | {cache_cell} | {gets_cell} |")
-    add(f"| {TOOL_NAMES['local']} | - | {rate_cell(local, size)} | - | 1.00x | - | - | - |")
+            f"{ratio_cell(vs_direct)} | {ratio_cell(vs_local)} | {resident_cell} | {rss_cell} | {cache_cell} "
+            f"| {gets_cell} |")
+    add(f"| {TOOL_NAMES['local']} | - | {rate_cell(local, size)} | - | 1.00x | - | - | - | - |")
+    add("")
+    add("\"In page cache\" is the part of the object that `fincore` found in the page cache through the")
+    add("mount between the cold and the warm read, lowest to highest over the runs. A warm read after less")
+    add("than the whole object is partly served by the tool itself: on a machine whose kernel reclaims")
+    add("idle page cache on its own (DAMON's `pageout`, for one), such a round measures the tool's cache.")
     add("")
     add("Peak RSS is the larger of the daemon's `VmHWM` and the `VmRSS` sampled every 0.2 s, over a cold")
     add("and a warm read, maximum over the runs. GETs are the GET requests for the object that Garage")
