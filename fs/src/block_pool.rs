@@ -28,8 +28,8 @@ use bytes::Bytes;
 /// Alignment of the data in every buffer: the logical block size of common disks.
 pub const BUFFER_ALIGN: usize = 4096;
 
-/// Size of a transparent huge page on x86_64 and the usual aarch64 kernels, the size and
-/// alignment of a slab that holds buffers of up to half of it.
+/// Size of a transparent huge page on x86_64 and the usual aarch64 kernels, and the unit
+/// of slab sizes and alignment.
 const HUGE_PAGE_BYTES: usize = 2 << 20;
 
 /// A bounded free list of block buffers of one capacity.
@@ -53,17 +53,18 @@ unsafe impl Send for Slab {}
 unsafe impl Sync for Slab {}
 
 impl Slab {
-    /// Maps `len` bytes aligned to `align` (a power of two, at least the page size).
+    /// Maps `len` bytes (a multiple of [`HUGE_PAGE_BYTES`]) at a huge page boundary.
     /// Like a failed heap allocation, a failed mapping aborts the process.
-    fn map(len: usize, align: usize) -> Slab {
-        Self::try_map(len, align).unwrap_or_else(|| {
-            let layout = std::alloc::Layout::from_size_align(len, align).expect("slab sizes are small powers of two");
+    fn map(len: usize) -> Slab {
+        Self::try_map(len).unwrap_or_else(|| {
+            let layout = std::alloc::Layout::from_size_align(len, HUGE_PAGE_BYTES).expect("slab sizes are small multiples of 2 MiB");
             std::alloc::handle_alloc_error(layout)
         })
     }
 
-    fn try_map(len: usize, align: usize) -> Option<Slab> {
-        // Map `align` bytes more than needed, then unmap the unaligned head and the tail.
+    fn try_map(len: usize) -> Option<Slab> {
+        // Map one huge page more than needed, then unmap the unaligned head and the tail.
+        let align = HUGE_PAGE_BYTES;
         let padded = len.checked_add(align)?;
         // SAFETY: an anonymous private mapping at an address the kernel chooses touches no
         // existing memory.
@@ -93,12 +94,10 @@ impl Slab {
                 libc::munmap((aligned + len) as *mut libc::c_void, tail);
             }
         }
-        if align >= HUGE_PAGE_BYTES {
-            // Advice only: a kernel without transparent huge pages returns EINVAL, and
-            // the slab then works with ordinary pages.
-            // SAFETY: the range is the slab's own mapping.
-            unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
-        }
+        // Advice only: a kernel without transparent huge pages returns EINVAL, and the
+        // slab then works with ordinary pages.
+        // SAFETY: the range is the slab's own mapping.
+        unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
         Some(Slab {
             base: NonNull::new(aligned as *mut u8)?,
             len,
@@ -157,12 +156,8 @@ impl BlockPool {
     fn carve(&self) -> Region {
         let stride = self.buffer_bytes.max(1).next_multiple_of(BUFFER_ALIGN);
         let per_slab = (HUGE_PAGE_BYTES / stride).max(1);
-        let (slab_bytes, align) = if per_slab * stride >= HUGE_PAGE_BYTES / 2 {
-            ((per_slab * stride).next_multiple_of(HUGE_PAGE_BYTES), HUGE_PAGE_BYTES)
-        } else {
-            (per_slab * stride, BUFFER_ALIGN)
-        };
-        let slab = Arc::new(Slab::map(slab_bytes, align));
+        let slab_bytes = (per_slab * stride).next_multiple_of(HUGE_PAGE_BYTES);
+        let slab = Arc::new(Slab::map(slab_bytes));
 
         let mut regions = (0..per_slab).map(|index| Region {
             slab: Arc::clone(&slab),
