@@ -50,7 +50,7 @@ const META_HEAD_MAX_FILES: usize = 20_000;
 
 /// Background LISTs of subdirectories in flight at once over the whole mount, and
 /// below one parent.
-const WALK_AHEAD_LISTINGS: usize = 4;
+pub const WALK_AHEAD_LISTINGS: usize = 4;
 
 /// Subdirectories listed ahead of the last one the kernel opened in the same parent.
 pub const WALK_AHEAD_DIRS: usize = 16;
@@ -58,7 +58,7 @@ pub const WALK_AHEAD_DIRS: usize = 16;
 /// Entries of directories listed ahead but not opened yet, per parent, above which no
 /// further subdirectory is listed ahead. Also the largest file count of a directory
 /// listed ahead whose metadata is read before the kernel opens it.
-const WALK_AHEAD_MAX_ENTRIES: usize = 4_096;
+pub const WALK_AHEAD_MAX_ENTRIES: usize = 4_096;
 
 /// Parents whose walk-ahead state is kept.
 const MAX_WALKS: u64 = 10_000;

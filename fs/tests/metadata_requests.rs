@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::proxy::FaultProxy;
 use common::{runtime, Garage, Mounted};
-use datanet::walkahead::WALK_AHEAD_DIRS;
+use datanet::walkahead::{WALK_AHEAD_DIRS, WALK_AHEAD_LISTINGS, WALK_AHEAD_MAX_ENTRIES};
 use object_store::{Attribute, Attributes, ObjectStore, PutOptions, PutPayload};
 
 /// Walks `dir` depth first, reading every directory and calling `lstat` on each entry.
@@ -180,6 +180,55 @@ fn walk_ahead_stops_at_limit() {
     assert_eq!(listed_ahead(&requests), WALK_AHEAD_DIRS + 1, "the window moves by one directory");
     let last = format!("d{:02}/f", dirs - 1);
     assert_eq!(heads_of(&requests, &bucket_name, &last), 0, "files of directories not listed ahead are not read");
+}
+
+#[test]
+fn walk_ahead_stops_at_entry_limit() {
+    // Two listed subdirectories together exceed the entry limit. The first
+    // WALK_AHEAD_LISTINGS listings start before any count is known, and the first one
+    // to complete may start one more; after that the entries waiting unopened stop it.
+    let per_dir = WALK_AHEAD_MAX_ENTRIES / 2 + 1;
+    let dirs = WALK_AHEAD_LISTINGS + 2;
+    assert!(dirs <= WALK_AHEAD_DIRS, "without the entry limit every subdirectory would be listed ahead");
+    let garage = Garage::from_env();
+    let bucket_name = garage.fresh_bucket("walkentries");
+    let bucket = garage.bucket(&bucket_name);
+    let keys = (0..dirs).flat_map(|dir| (0..per_dir).map(move |file| format!("d{dir:02}/f{file:04}"))).collect();
+    bucket.put_many(keys);
+
+    let proxy = FaultProxy::start(&garage.endpoint);
+    let spaces = garage.space_toml("s3", &bucket_name, Some(&proxy.endpoint()));
+    let mount = Mounted::start(&spaces, "metadata_ttl = \"30s\"\n");
+    proxy.clear_requests();
+
+    let root = mount.path("s3");
+    let names: Vec<_> = std::fs::read_dir(&root).expect("read the space root").map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), dirs);
+
+    // A listing of more than 1,000 keys takes several LIST pages, so count directories.
+    let listed_ahead = |requests: &[String]| {
+        let mut prefixes: Vec<String> =
+            listed_prefixes(requests, &bucket_name).into_iter().filter(|p| p.len() == 4 && p.starts_with('d')).collect();
+        prefixes.sort();
+        prefixes.dedup();
+        prefixes
+    };
+    wait_for_requests(&proxy, "the first listings ahead", |r| listed_ahead(r).len() >= WALK_AHEAD_LISTINGS);
+    std::thread::sleep(Duration::from_millis(1500));
+    let listed = listed_ahead(&proxy.requests());
+    assert!(
+        listed.len() <= WALK_AHEAD_LISTINGS + 1,
+        "listing ahead stops once {WALK_AHEAD_MAX_ENTRIES} entries wait unopened; listed ahead: {listed:?}"
+    );
+    let last = format!("d{:02}/", dirs - 1);
+    assert!(!listed.contains(&last), "{last} is not listed ahead: {listed:?}");
+    // File keys are /BUCKET/dNN/fNNNN. Marker HEADs of the subdirectories end with `/`.
+    let file_heads: Vec<String> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("HEAD ") && r.split_whitespace().nth(1).is_some_and(|path| path.split('/').count() == 4 && !path.ends_with('/')))
+        .collect();
+    assert!(file_heads.is_empty(), "listing the parent alone reads no file metadata ahead: {file_heads:?}");
 }
 
 #[test]
