@@ -66,6 +66,7 @@ impl Slab {
         // Map one huge page more than needed, then unmap the unaligned head and the tail.
         let align = HUGE_PAGE_BYTES;
         let padded = len.checked_add(align)?;
+
         // SAFETY: an anonymous private mapping at an address the kernel chooses touches no
         // existing memory.
         let raw = unsafe {
@@ -81,6 +82,7 @@ impl Slab {
         if raw == libc::MAP_FAILED {
             return None;
         }
+
         let start = raw as usize;
         let aligned = start.next_multiple_of(align);
         let head = aligned - start;
@@ -94,10 +96,12 @@ impl Slab {
                 libc::munmap((aligned + len) as *mut libc::c_void, tail);
             }
         }
+
         // Advice only: a kernel without transparent huge pages returns EINVAL, and the
         // slab then works with ordinary pages.
         // SAFETY: the range is the slab's own mapping.
         unsafe { libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+
         Some(Slab {
             base: NonNull::new(aligned as *mut u8)?,
             len,
@@ -159,19 +163,17 @@ impl BlockPool {
         let slab_bytes = (per_slab * stride).next_multiple_of(HUGE_PAGE_BYTES);
         let slab = Arc::new(Slab::map(slab_bytes));
 
-        let mut regions = (0..per_slab).map(|index| Region {
-            slab: Arc::clone(&slab),
-            offset: index * stride,
-        });
-        let first = regions.next().expect("a slab holds at least one buffer");
         let mut idle = self.lock();
-        for region in regions {
+        for index in 1..per_slab {
             if idle.len() >= self.max_idle {
                 break;
             }
-            idle.push(region);
+            idle.push(Region {
+                slab: Arc::clone(&slab),
+                offset: index * stride,
+            });
         }
-        first
+        Region { slab, offset: 0 }
     }
 
     pub fn idle_count(&self) -> usize {

@@ -167,11 +167,15 @@ impl DataCache {
 
         let mut data = buffers.take();
         let read = File::open(self.file_path(&key.object))
-            .and_then(|file| data.fill_with(size as usize, |slice| file.read_exact_at(slice, key.offset())))
-            .and_then(|()| match data.len() as u64 == size {
-                true => Ok(()),
-                false => Err(std::io::Error::other(format!("cached block of {size} bytes exceeds the read buffer"))),
-            });
+            .and_then(|file| data.fill_with(size as usize, |slice| file.read_exact_at(slice, key.offset())));
+        // `fill_with` reads at most one buffer, so a larger entry cannot be served from it.
+        let read = read.and_then(|()| {
+            if data.len() as u64 == size {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!("cached block of {size} bytes is larger than a read buffer")))
+            }
+        });
         match read {
             Ok(()) => {
                 // The read ran without the lock: an eviction in the meantime may have

@@ -60,6 +60,21 @@ fn wait_for_requests(proxy: &FaultProxy, what: &str, done: impl Fn(&[String]) ->
     }
 }
 
+/// Mounts `bucket_name` through a counting proxy with a 30 s TTL and reads the space
+/// root, which starts walk-ahead below it. The proxy has recorded only the requests
+/// sent after the mount. Fails unless the root contains `dirs` entries.
+fn mount_and_read_root(garage: &Garage, bucket_name: &str, dirs: usize) -> (FaultProxy, Mounted, std::path::PathBuf) {
+    let proxy = FaultProxy::start(&garage.endpoint);
+    let spaces = garage.space_toml("s3", bucket_name, Some(&proxy.endpoint()));
+    let mount = Mounted::start(&spaces, "metadata_ttl = \"30s\"\n");
+    proxy.clear_requests();
+
+    let root = mount.path("s3");
+    let names: Vec<_> = std::fs::read_dir(&root).expect("read the space root").map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), dirs, "entries of the space root");
+    (proxy, mount, root)
+}
+
 /// Stores `data` at `key` with s3fs-style `mode` and `uid` metadata.
 fn put_with_meta(bucket: &common::Bucket, key: &str, data: &'static [u8], mode: u32, uid: u32) {
     let mut attributes = Attributes::new();
@@ -149,14 +164,7 @@ fn walk_ahead_stops_at_limit() {
     }
     bucket.put_many(keys);
 
-    let proxy = FaultProxy::start(&garage.endpoint);
-    let spaces = garage.space_toml("s3", &bucket_name, Some(&proxy.endpoint()));
-    let mount = Mounted::start(&spaces, "metadata_ttl = \"30s\"\n");
-    proxy.clear_requests();
-
-    let root = mount.path("s3");
-    let names: Vec<_> = std::fs::read_dir(&root).expect("read the space root").map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(names.len(), dirs);
+    let (proxy, _mount, root) = mount_and_read_root(&garage, &bucket_name, dirs);
 
     let listed_ahead = |requests: &[String]| {
         listed_prefixes(requests, &bucket_name).into_iter().filter(|p| p.len() == 4 && p.starts_with('d')).count()
@@ -185,8 +193,8 @@ fn walk_ahead_stops_at_limit() {
 #[test]
 fn walk_ahead_stops_at_entry_limit() {
     // Two listed subdirectories together exceed the entry limit. The first
-    // WALK_AHEAD_LISTINGS listings start before any count is known, and the first one
-    // to complete may start one more; after that the entries waiting unopened stop it.
+    // WALK_AHEAD_LISTINGS listings start before any count is known, so the first one to
+    // complete may start one more. After that, the entries waiting unopened stop it.
     let per_dir = WALK_AHEAD_MAX_ENTRIES / 2 + 1;
     let dirs = WALK_AHEAD_LISTINGS + 2;
     assert!(dirs <= WALK_AHEAD_DIRS, "without the entry limit every subdirectory would be listed ahead");
@@ -196,14 +204,7 @@ fn walk_ahead_stops_at_entry_limit() {
     let keys = (0..dirs).flat_map(|dir| (0..per_dir).map(move |file| format!("d{dir:02}/f{file:04}"))).collect();
     bucket.put_many(keys);
 
-    let proxy = FaultProxy::start(&garage.endpoint);
-    let spaces = garage.space_toml("s3", &bucket_name, Some(&proxy.endpoint()));
-    let mount = Mounted::start(&spaces, "metadata_ttl = \"30s\"\n");
-    proxy.clear_requests();
-
-    let root = mount.path("s3");
-    let names: Vec<_> = std::fs::read_dir(&root).expect("read the space root").map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(names.len(), dirs);
+    let (proxy, _mount, _root) = mount_and_read_root(&garage, &bucket_name, dirs);
 
     // A listing of more than 1,000 keys takes several LIST pages, so count directories.
     let listed_ahead = |requests: &[String]| {
@@ -223,11 +224,11 @@ fn walk_ahead_stops_at_entry_limit() {
     let last = format!("d{:02}/", dirs - 1);
     assert!(!listed.contains(&last), "{last} is not listed ahead: {listed:?}");
     // File keys are /BUCKET/dNN/fNNNN. Marker HEADs of the subdirectories end with `/`.
-    let file_heads: Vec<String> = proxy
-        .requests()
-        .into_iter()
-        .filter(|r| r.starts_with("HEAD ") && r.split_whitespace().nth(1).is_some_and(|path| path.split('/').count() == 4 && !path.ends_with('/')))
-        .collect();
+    let is_file_head = |request: &String| {
+        let path = request.split_whitespace().nth(1).unwrap_or_default();
+        request.starts_with("HEAD ") && path.split('/').count() == 4 && !path.ends_with('/')
+    };
+    let file_heads: Vec<String> = proxy.requests().into_iter().filter(is_file_head).collect();
     assert!(file_heads.is_empty(), "listing the parent alone reads no file metadata ahead: {file_heads:?}");
 }
 
